@@ -1,0 +1,429 @@
+"""Shared PyTorch math for nanoalign: tokenization, log-probs, losses, advantages, rollouts.
+
+The math functions are pure (tensors in, tensors out) and follow the CS336 (2025)
+assignment 5 interface; common_mlx.py has the same functions on mx.array. Below them,
+the setup helpers every torch script shares (device, dtype, model loading) and the
+batched KV-cache sampler used for rollouts and evaluation.
+"""
+
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import tasks
+
+# ----------------------------------------------------------------------------- tokenization
+
+
+def tokenize_prompt_and_output(prompt_strs, output_strs, tokenizer):
+    """Tokenize prompts and outputs separately, join, right-pad with the pad id.
+    Returns input_ids, labels (B, L-1) long and response_mask (B, L-1) bool, True where
+    the label is an output token."""
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompt_strs]
+    output_ids = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in output_strs]
+    return join_prompt_and_output_ids(prompt_ids, output_ids, tokenizer.pad_token_id)
+
+
+def join_prompt_and_output_ids(prompt_ids, output_ids, pad_id):
+    """tokenize_prompt_and_output on lists of token ids (rollouts are already tokenized)."""
+    rows = [p + o for p, o in zip(prompt_ids, output_ids)]
+    L = max(len(r) for r in rows)
+    padded = torch.full((len(rows), L), pad_id, dtype=torch.long)  # (B, L)
+    mask = torch.zeros((len(rows), L), dtype=torch.bool)
+    for i, (p, o) in enumerate(zip(prompt_ids, output_ids)):
+        padded[i, : len(p) + len(o)] = torch.tensor(p + o, dtype=torch.long)
+        mask[i, len(p) : len(p) + len(o)] = True
+    return {"input_ids": padded[:, :-1], "labels": padded[:, 1:], "response_mask": mask[:, 1:]}
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+
+def compute_entropy(logits):
+    """Entropy of softmax(logits) over the last axis. (..., V) -> (...).
+    H = logsumexp(z) - sum softmax(z) * z."""
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    return lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+
+
+def get_response_log_probs(model, input_ids, labels, return_token_entropy=False):
+    """log p(labels | prefix) under a causal LM. input_ids, labels (B, T) -> log_probs (B, T)
+    [and token_entropy (B, T)]. log p = z[label] - logsumexp(z), no full log-softmax copy."""
+    logits = model(input_ids).logits.float()  # (B, T, V)
+    lse = torch.logsumexp(logits, dim=-1)
+    log_probs = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
+    out = {"log_probs": log_probs}
+    if return_token_entropy:
+        with torch.no_grad():
+            out["token_entropy"] = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return out
+
+
+# ----------------------------------------------------------------------------- normalization
+
+
+def masked_normalize(tensor, mask, dim=None, normalize_constant=1.0):
+    """Sum of tensor*mask over dim (all when None) / normalize_constant."""
+    masked = tensor * mask
+    return (masked.sum() if dim is None else masked.sum(dim)) / normalize_constant
+
+
+def masked_mean(tensor, mask, dim=None):
+    """Mean of tensor over mask entries along dim (all when None); 0/0 = NaN stays NaN."""
+    mask = mask.to(tensor.dtype)
+    if dim is None:
+        return (tensor * mask).sum() / mask.sum()
+    return (tensor * mask).sum(dim) / mask.sum(dim)
+
+
+# ----------------------------------------------------------------------------- SFT
+
+
+def sft_microbatch_train_step(policy_log_probs, response_mask, gradient_accumulation_steps, normalize_constant=1.0):
+    """SFT loss on a microbatch, backward, scaled loss back. log_probs, mask (B, T).
+    loss = -mean_b[ sum_t(logp * mask) / normalize_constant ] / grad_accum."""
+    per_example = masked_normalize(policy_log_probs, response_mask, dim=-1, normalize_constant=normalize_constant)
+    loss = -per_example.mean() / gradient_accumulation_steps
+    loss.backward()
+    return loss.detach(), {"nll_per_example": -per_example.detach(), "n_tokens": response_mask.sum()}
+
+
+# ----------------------------------------------------------------------------- GRPO
+
+
+def compute_group_normalized_rewards(
+    reward_fn, rollout_responses, repeated_ground_truths, group_size, advantage_eps, normalize_by_std
+):
+    """Rewards for B rollouts in consecutive groups of group_size -> advantages (B,), raw (B,).
+    A = r - mean_group(r), then / (std_group(r) + eps) when normalize_by_std (unbiased std)."""
+    scores = [reward_fn(r, g) for r, g in zip(rollout_responses, repeated_ground_truths)]
+    raw_rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float32)  # (B,)
+    advantages = group_normalize(raw_rewards, group_size, advantage_eps, normalize_by_std)
+    grouped = raw_rewards.view(-1, group_size)
+    metadata = {
+        "reward_mean": raw_rewards.mean().item(),
+        "reward_std": raw_rewards.std().item() if len(raw_rewards) > 1 else 0.0,
+        "reward_max": raw_rewards.max().item(),
+        "reward_min": raw_rewards.min().item(),
+        "format_reward": float(np.mean([s["format_reward"] for s in scores])),
+        "answer_reward": float(np.mean([s["answer_reward"] for s in scores])),
+        "zero_std_frac": (grouped.std(-1) == 0).float().mean().item() if group_size > 1 else 1.0,
+        "scores": scores,
+    }
+    return advantages, raw_rewards, metadata
+
+
+def group_normalize(raw_rewards, group_size, advantage_eps, normalize_by_std):
+    """(B,) rewards in consecutive groups -> (B,) advantages r - mean [/ (std + eps)]."""
+    grouped = raw_rewards.view(-1, group_size)  # (n_groups, G)
+    advantages = grouped - grouped.mean(-1, keepdim=True)
+    if normalize_by_std:
+        advantages = advantages / (grouped.std(-1, keepdim=True) + advantage_eps)
+    return advantages.reshape(-1)
+
+
+def compute_naive_policy_gradient_loss(raw_rewards_or_advantages, policy_log_probs):
+    """Per-token REINFORCE loss. A (B, 1), log_probs (B, T) -> (B, T): -A * log p."""
+    return -raw_rewards_or_advantages * policy_log_probs
+
+
+def compute_grpo_clip_loss(advantages, policy_log_probs, old_log_probs, cliprange, cliprange_high=None):
+    """Per-token PPO/GRPO clipped loss. A (B, 1), log_probs (B, T) -> (B, T), metadata.
+    ratio = exp(logp - old); loss = -min(ratio*A, clip(ratio, 1-c, 1+c_high)*A)."""
+    high = cliprange if cliprange_high is None else cliprange_high
+    ratio = torch.exp(policy_log_probs - old_log_probs)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - cliprange, 1 + high) * advantages
+    return -torch.minimum(unclipped, clipped), {"clipped": (clipped < unclipped).detach(), "ratio": ratio.detach()}
+
+
+def compute_policy_gradient_loss(
+    policy_log_probs, loss_type, raw_rewards=None, advantages=None, old_log_probs=None, cliprange=None
+):
+    """Dispatch: 'no_baseline' (raw rewards), 'reinforce_with_baseline' (advantages),
+    'grpo_clip' (clipped ratio). Returns per-token loss (B, T) and metadata."""
+    if loss_type == "no_baseline":
+        assert raw_rewards is not None, "no_baseline needs raw_rewards"
+        return compute_naive_policy_gradient_loss(raw_rewards, policy_log_probs), {}
+    if loss_type == "reinforce_with_baseline":
+        assert advantages is not None, "reinforce_with_baseline needs advantages"
+        return compute_naive_policy_gradient_loss(advantages, policy_log_probs), {}
+    if loss_type == "grpo_clip":
+        assert advantages is not None and old_log_probs is not None and cliprange is not None
+        return compute_grpo_clip_loss(advantages, policy_log_probs, old_log_probs, cliprange)
+    raise ValueError(f"unknown loss_type {loss_type!r}: expected no_baseline, reinforce_with_baseline or grpo_clip")
+
+
+def grpo_microbatch_train_step(
+    policy_log_probs,
+    response_mask,
+    gradient_accumulation_steps,
+    loss_type,
+    raw_rewards=None,
+    advantages=None,
+    old_log_probs=None,
+    cliprange=None,
+):
+    """Policy-gradient loss on a microbatch, backward, scaled loss back.
+    loss = mean_b[ masked_mean_t(per_token_loss) ] / grad_accum."""
+    per_token, metadata = compute_policy_gradient_loss(
+        policy_log_probs, loss_type, raw_rewards, advantages, old_log_probs, cliprange
+    )
+    loss = masked_mean(per_token, response_mask, dim=-1).mean() / gradient_accumulation_steps
+    loss.backward()
+    return loss.detach(), metadata
+
+
+# ----------------------------------------------------------------------------- SFT data
+
+
+class PackedSFTDataset(torch.utils.data.Dataset):
+    def __init__(self, stream, seq_length):
+        self.stream, self.L = stream, seq_length
+
+    def __len__(self):
+        return (len(self.stream) - 1) // self.L
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        chunk = self.stream[i * self.L : (i + 1) * self.L + 1]
+        return {"input_ids": chunk[:-1], "labels": chunk[1:]}
+
+
+def get_packed_sft_dataset(tokenizer, dataset_path, seq_length, shuffle):
+    """JSONL of {prompt, response} -> packed Dataset of {input_ids, labels} (L,) long.
+    Each document is BOS + Alpaca text + EOS; documents (shuffled when asked) are joined."""
+    rows = tasks.read_jsonl(dataset_path, "sft")
+    if shuffle:
+        random.shuffle(rows)
+    stream = []
+    for row in rows:
+        text = tasks.ALPACA_PROMPT.format(instruction=row["prompt"], response=row["response"])
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        stream += [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
+    return PackedSFTDataset(torch.tensor(stream, dtype=torch.long), seq_length)
+
+
+def iterate_batches(dataset, batch_size, shuffle):
+    """One epoch of (batch, L) batches (the last may be short)."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
+
+
+# ----------------------------------------------------------------------------- DPO
+
+
+def sequence_log_prob(model, input_ids, mask):
+    """Sum of log p(token | prefix) over the positions where mask (B, T) is True, with
+    input_ids (B, T+1). -> (B,)."""
+    log_probs = get_response_log_probs(model, input_ids[:, :-1], input_ids[:, 1:])["log_probs"]
+    return (log_probs * mask).sum(-1)
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
+    """Batched DPO loss from sequence log-probs (B,): -log sigmoid(beta * (dc - dr)),
+    dc = logpi(c) - logpi_ref(c), dr likewise. Returns per-pair loss (B,) and the margin."""
+    margin = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
+    return -F.logsigmoid(margin), margin
+
+
+def compute_per_instance_dpo_loss(lm, lm_ref, tokenizer, beta, prompt, response_chosen, response_rejected):
+    """DPO loss of one preference pair, each formatted with the Alpaca template + EOS;
+    full-sequence log-probs under lm and lm_ref. -> scalar."""
+    texts = [
+        tasks.ALPACA_PROMPT.format(instruction=prompt, response=r) + tokenizer.eos_token
+        for r in (response_chosen, response_rejected)
+    ]
+    ids = [torch.tensor(tokenizer(t)["input_ids"], dtype=torch.long).unsqueeze(0) for t in texts]
+
+    def full_log_prob(model, x):
+        device = next(model.parameters()).device
+        x = x.to(device)
+        return sequence_log_prob(model, x, torch.ones_like(x[:, 1:], dtype=torch.float32)).squeeze(0)
+
+    chosen, rejected = (full_log_prob(lm, x) for x in ids)
+    with torch.no_grad():
+        ref_chosen, ref_rejected = (full_log_prob(lm_ref, x).to(chosen.device) for x in ids)
+    return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)[0]
+
+
+# ----------------------------------------------------------------------------- setup helpers
+
+
+def pick_device(name="auto"):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _cpu_has_fast_bf16():
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_dtype(name, device):
+    """'auto': bf16 where the hardware runs it fast (CUDA with bf16, CPUs with AVX512-BF16
+    or AMX), else fp32. On other CPUs bf16 matmuls are ~100x slower than fp32."""
+    if name != "auto":
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16}[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and _cpu_has_fast_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_model(model_name, device, dtype, cache=None):
+    """(model, tokenizer) from a local HF dir, the embedded default or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tasks.resolve_model(model_name, cache)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------- rollouts
+
+
+def sample_next_token(logits, generated, temperature, top_k, top_p, min_p, repetition_penalty, generator):
+    """One sampling step. logits (B, V) fp32, generated (B, t) ids seen so far.
+    Returns token (B,) and its log-prob under softmax(logits / temperature) (B,)."""
+    if repetition_penalty != 1.0 and generated.shape[1] > 0:
+        seen = logits.gather(1, generated)
+        logits = logits.scatter(1, generated, torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty))
+    if temperature == 0:  # greedy
+        token = logits.argmax(-1)
+        return token, torch.log_softmax(logits, -1).gather(1, token[:, None]).squeeze(1)
+    logits = logits / temperature
+    log_probs = torch.log_softmax(logits, -1)  # (B, V), the policy's sampling distribution
+    filtered = log_probs.clone()
+    if top_k > 0:
+        kth = torch.topk(filtered, min(top_k, filtered.shape[-1]), dim=-1).values[:, -1:]
+        filtered[filtered < kth] = -float("inf")
+    if top_p < 1.0:
+        sorted_lp, order = filtered.sort(-1, descending=True)
+        cum = sorted_lp.exp().cumsum(-1)
+        drop = cum - sorted_lp.exp() > top_p  # keep the smallest prefix whose mass reaches top_p
+        filtered.scatter_(1, order, sorted_lp.masked_fill(drop, -float("inf")))
+    if min_p > 0.0:
+        floor = log_probs.max(-1, keepdim=True).values + np.log(min_p)
+        filtered[log_probs < floor] = -float("inf")
+    token = torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(1)
+    return token, log_probs.gather(1, token[:, None]).squeeze(1)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts,
+    max_new_tokens,
+    temperature=1.0,
+    top_p=1.0,
+    top_k=0,
+    min_p=0.0,
+    repetition_penalty=1.0,
+    min_new_tokens=0,
+    stop=(tasks.STOP,),
+    batch_size=64,
+    generator=None,
+):
+    """Sample one completion per prompt with a KV cache, batch_size prompts at a time.
+    Each sequence stops at EOS, at a stop string (kept in the text) or at max_new_tokens.
+    Returns dicts: prompt_ids, response_ids, response (text), log_probs (sampling
+    log-probs, one per response token), truncated (hit max_new_tokens without stopping).
+    This is the whole rollout interface: another engine (vLLM) only has to return the same."""
+    results = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk]
+        sampled = _generate_batch(
+            model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, top_k, min_p,
+            repetition_penalty, min_new_tokens, stop, generator,
+        )
+        for p_ids, (ids, lps, truncated) in zip(prompt_ids, sampled):
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            results.append({"prompt_ids": p_ids, "response_ids": ids, "response": text, "log_probs": lps,
+                            "truncated": truncated})
+    return results
+
+
+def _generate_batch(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, top_k, min_p,
+                    repetition_penalty, min_new_tokens, stop, generator):
+    from transformers import DynamicCache
+
+    device, B = next(model.parameters()).device, len(prompt_ids)
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos_ids = {tokenizer.eos_token_id} | set(config_eos if isinstance(config_eos, list) else [config_eos])
+    eos = torch.tensor(sorted(i for i in eos_ids if i is not None), device=device)
+    stop_tail = max([len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in stop] + [1]) + 2
+    P = max(len(p) for p in prompt_ids)
+    input_ids = torch.full((B, P), tokenizer.pad_token_id, dtype=torch.long, device=device)
+    attention = torch.zeros((B, P), dtype=torch.long, device=device)
+    for i, p in enumerate(prompt_ids):  # left padding: every prompt ends at column P-1
+        input_ids[i, P - len(p) :] = torch.tensor(p, device=device)
+        attention[i, P - len(p) :] = 1
+    history = input_ids if repetition_penalty != 1.0 else input_ids[:, :0]
+    out_tokens = torch.zeros((B, 0), dtype=torch.long, device=device)  # (B, t)
+    out_lps = torch.zeros((B, 0), device=device)
+    lengths = torch.full((B,), max_new_tokens, dtype=torch.long)  # where each row stopped
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    active = torch.arange(B, device=device)  # rows still in the (compacted) batch
+    cache = DynamicCache()
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                   past_key_values=cache, use_cache=True).logits[:, -1].float()
+    for t in range(max_new_tokens):
+        if t < min_new_tokens:
+            logits[:, eos] = -float("inf")
+        token, lp = sample_next_token(logits, history[active] if history.shape[1] else history,
+                                      temperature, top_k, top_p, min_p, repetition_penalty, generator)
+        step_tokens = torch.full((B,), tokenizer.pad_token_id, dtype=torch.long, device=device)
+        step_lps = torch.zeros(B, device=device)
+        step_tokens[active], step_lps[active] = token, lp
+        out_tokens = torch.cat([out_tokens, step_tokens[:, None]], 1)
+        out_lps = torch.cat([out_lps, step_lps[:, None]], 1)
+        if repetition_penalty != 1.0:
+            history = torch.cat([history, step_tokens[:, None]], 1)
+        done = torch.isin(token, eos)
+        if stop and t + 1 >= min_new_tokens:
+            tails = tokenizer.batch_decode(out_tokens[active, -stop_tail:].tolist())
+            done |= torch.tensor([any(s in tail for s in stop) for tail in tails], device=device)
+        for row in active[done].tolist():
+            lengths[row] = t + 1
+        finished[active[done]] = True
+        if finished.all() or t + 1 == max_new_tokens:
+            break
+        keep = ~done
+        if not keep.all():  # drop finished rows from the batch and the cache
+            idx = keep.nonzero().squeeze(1)
+            cache.batch_select_indices(idx)
+            active, token, attention, positions = active[idx], token[idx], attention[idx], positions[idx]
+        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], 1)
+        positions = positions[:, -1:] + 1
+        logits = model(input_ids=token[:, None], attention_mask=attention, position_ids=positions,
+                       past_key_values=cache, use_cache=True).logits[:, -1].float()
+    return [
+        (out_tokens[i, : lengths[i]].tolist(), out_lps[i, : lengths[i]].tolist(), not bool(finished[i]))
+        for i in range(B)
+    ]
