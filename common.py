@@ -368,6 +368,16 @@ def generate(
     return results
 
 
+def shared_prefix_length(sequences, keep_last=1):
+    """Length of the token prefix common to all sequences, leaving at least keep_last
+    tokens of each one outside it (a forward pass needs at least one new token per row)."""
+    shortest = min(len(s) for s in sequences) - keep_last
+    k = 0
+    while k < shortest and all(s[k] == sequences[0][k] for s in sequences):
+        k += 1
+    return k
+
+
 def _generate_batch(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, top_k, min_p,
                     repetition_penalty, min_new_tokens, stop, generator):
     from transformers import DynamicCache
@@ -377,22 +387,31 @@ def _generate_batch(model, tokenizer, prompt_ids, max_new_tokens, temperature, t
     eos_ids = {tokenizer.eos_token_id} | set(config_eos if isinstance(config_eos, list) else [config_eos])
     eos = torch.tensor(sorted(i for i in eos_ids if i is not None), device=device)
     stop_tail = max([len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in stop] + [1]) + 2
-    P = max(len(p) for p in prompt_ids)
-    input_ids = torch.full((B, P), tokenizer.pad_token_id, dtype=torch.long, device=device)
-    attention = torch.zeros((B, P), dtype=torch.long, device=device)
-    for i, p in enumerate(prompt_ids):  # left padding: every prompt ends at column P-1
-        input_ids[i, P - len(p) :] = torch.tensor(p, device=device)
-        attention[i, P - len(p) :] = 1
-    history = input_ids if repetition_penalty != 1.0 else input_ids[:, :0]
+    # The prompts share a long prefix (the r1_zero instructions): run it once for the
+    # batch and copy its KV cache to every row. Each row is then [prefix][pad][suffix].
+    K = shared_prefix_length(prompt_ids)
+    S = max(len(p) - K for p in prompt_ids)
+    input_ids = torch.full((B, S), tokenizer.pad_token_id, dtype=torch.long, device=device)
+    attention = torch.zeros((B, K + S), dtype=torch.long, device=device)
+    attention[:, :K] = 1
+    for i, p in enumerate(prompt_ids):  # the pad sits between prefix and suffix
+        input_ids[i, S - (len(p) - K) :] = torch.tensor(p[K:], dtype=torch.long, device=device)
+        attention[i, K + S - (len(p) - K) :] = 1
+    history = torch.cat([torch.tensor([prompt_ids[0][:K]] * B, dtype=torch.long, device=device), input_ids], 1)
+    history = history if repetition_penalty != 1.0 else history[:, :0]
     out_tokens = torch.zeros((B, 0), dtype=torch.long, device=device)  # (B, t)
     out_lps = torch.zeros((B, 0), device=device)
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long)  # where each row stopped
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     active = torch.arange(B, device=device)  # rows still in the (compacted) batch
     cache = DynamicCache()
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    if K > 0:
+        prefix = torch.tensor([prompt_ids[0][:K]], dtype=torch.long, device=device)
+        model(input_ids=prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(B)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, K:]
     logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                   past_key_values=cache, use_cache=True).logits[:, -1].float()
+                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
     for t in range(max_new_tokens):
         if t < min_new_tokens:
             logits[:, eos] = -float("inf")
@@ -427,3 +446,27 @@ def _generate_batch(model, tokenizer, prompt_ids, max_new_tokens, temperature, t
         (out_tokens[i, : lengths[i]].tolist(), out_lps[i, : lengths[i]].tolist(), not bool(finished[i]))
         for i in range(B)
     ]
+
+
+def evaluate(model, tokenizer, examples, reward_fn, max_new_tokens, temperature=0.0, top_p=1.0, batch_size=64,
+             generator=None, desc="eval"):
+    """Generate one answer per example with the r1_zero prompt and grade it.
+    Returns (rows, summary): one row per example and the three-category counts."""
+    from tqdm import tqdm
+
+    rows, was_training = [], model.training
+    model.eval()
+    bar = tqdm(total=len(examples), desc=desc, leave=False)
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        prompts = [tasks.r1_zero_prompt(ex["question"]) for ex in chunk]
+        outs = generate(model, tokenizer, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
+                        batch_size=batch_size, generator=generator)
+        for ex, prompt, out in zip(chunk, prompts, outs):
+            rows.append({"question": ex["question"], "answer": ex["answer"], "prompt": prompt,
+                         "response": out["response"], "length": len(out["response_ids"]),
+                         "truncated": out["truncated"], **reward_fn(out["response"], ex["answer"])})
+        bar.update(len(chunk))
+    bar.close()
+    model.train(was_training)
+    return rows, tasks.summarize_rewards(rows)

@@ -354,7 +354,42 @@ def exact_match_reward_fn(response, ground_truth):
 REWARDS = {"r1_zero": r1_zero_reward_fn, "exact": exact_match_reward_fn}
 
 
-# ----------------------------------------------------------------------------- logging
+# ----------------------------------------------------------------------------- flags and logging
+
+
+def add_shared_args(parser):
+    """The flags every script shares, with the same names and defaults everywhere."""
+    g = parser.add_argument_group("shared")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="local HF dir, hub id, or the embedded default")
+    g.add_argument("--cache-dir", default=None, help="where the embedded model is converted (else $NANOALIGN_CACHE)")
+    g.add_argument("--task", default=DEFAULT_TASK, help=f"{', '.join(TASKS)} or any reasoning-gym name[:k=v,...]")
+    g.add_argument("--train-data", default=None, help="JSONL of your own training data (overrides --task)")
+    g.add_argument("--eval-data", default=None, help="JSONL of your own held-out data (overrides --task)")
+    g.add_argument("--reward", default="r1_zero", choices=sorted(REWARDS))
+    g.add_argument("--out-dir", default=None, help="run directory (default runs/<script>)")
+    g.add_argument("--n-eval", type=int, default=200, help="held-out items per evaluation")
+    g.add_argument("--eval-batch-size", type=int, default=64)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto: cuda > mps > cpu")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    return parser
+
+
+def print_summary(summary, title):
+    n = max(summary["n"], 1)
+    lines = [
+        f"{title}",
+        f"  {'category':<28}{'count':>7}{'share':>9}",
+        f"  {'format right, answer right':<28}{summary['format_and_answer']:>7}{summary['format_and_answer'] / n:>9.1%}",
+        f"  {'format right, answer wrong':<28}{summary['format_only']:>7}{summary['format_only'] / n:>9.1%}",
+        f"  {'format wrong':<28}{summary['no_format']:>7}{summary['no_format'] / n:>9.1%}",
+        f"  accuracy {summary['accuracy']:.1%}  (n={summary['n']})",
+    ]
+    print("\n".join(lines), flush=True)
+
 
 
 def summarize_rewards(rewards):

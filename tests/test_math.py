@@ -1,0 +1,763 @@
+"""Tests of the torch math in common.py, through tests/adapters.py where an adapter exists.
+
+Expected values are hand-computed (the arithmetic is in the comments) or come from a
+second, deliberately naive implementation written in the test (python loops over
+torch.log_softmax), never from the formula under test.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+import adapters
+import common
+import tasks
+from conftest import tiny_llama
+
+# ----------------------------------------------------------------------------- helpers
+
+# The 2x3 case used by the normalization tests.
+T23 = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+M23 = torch.tensor([[True, False, True], [False, True, True]])
+
+
+def _close(got, expected, atol=1e-6):
+    expected = torch.as_tensor(expected, dtype=got.dtype)
+    assert got.shape == expected.shape, (got.shape, expected.shape)
+    assert torch.allclose(got, expected, atol=atol, rtol=0, equal_nan=True), (got, expected)
+
+
+def _naive_log_probs_and_entropy(model, input_ids, labels):
+    """log p(label | prefix) and entropy, one position at a time, in float64."""
+    with torch.no_grad():
+        logits = model(input_ids).logits.double()  # (B, T, V)
+    B, T = labels.shape
+    log_probs = torch.zeros(B, T, dtype=torch.float64)
+    entropy = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            lp = torch.log_softmax(logits[b, t], dim=-1)
+            log_probs[b, t] = lp[labels[b, t]]
+            entropy[b, t] = -sum(math.exp(x) * x for x in lp.tolist())
+    return log_probs, entropy
+
+
+def _meta(metadata, *names):
+    """The first of several plausible key names (the spec fixes the content, not the key)."""
+    for name in names:
+        if name in metadata:
+            return metadata[name]
+    raise AssertionError(f"none of {names} in metadata keys {sorted(metadata)}")
+
+
+# ----------------------------------------------------------------------------- masked_normalize / masked_mean
+
+
+@pytest.mark.parametrize("mask", [M23, M23.float()], ids=["bool", "float"])
+def test_masked_normalize_hand(mask):
+    # masked entries: [[1, ., 3], [., 5, 6]]
+    _close(adapters.run_masked_normalize(T23, mask), 15.0)  # 1+3+5+6
+    _close(adapters.run_masked_normalize(T23, mask, normalize_constant=2.0), 7.5)  # 15/2
+    _close(adapters.run_masked_normalize(T23, mask, dim=0), [1.0, 5.0, 9.0])  # columns: 1, 5, 3+6
+    _close(adapters.run_masked_normalize(T23, mask, dim=0, normalize_constant=4.0), [0.25, 1.25, 2.25])
+    _close(adapters.run_masked_normalize(T23, mask, dim=-1), [4.0, 11.0])  # rows: 1+3, 5+6
+    _close(adapters.run_masked_normalize(T23, mask, dim=1, normalize_constant=0.5), [8.0, 22.0])
+
+
+@pytest.mark.parametrize("mask", [M23, M23.float()], ids=["bool", "float"])
+def test_masked_mean_hand(mask):
+    _close(adapters.run_masked_mean(T23, mask), 3.75)  # 15 / 4 entries
+    _close(adapters.run_masked_mean(T23, mask, dim=0), [1.0, 5.0, 4.5])  # 1/1, 5/1, 9/2
+    _close(adapters.run_masked_mean(T23, mask, dim=-1), [2.0, 5.5])  # 4/2, 11/2
+    _close(adapters.run_masked_mean(T23, mask, dim=1), [2.0, 5.5])
+
+
+def test_masked_mean_fully_masked_slice_is_nan():
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    rows = adapters.run_masked_mean(T23, mask, dim=-1)
+    assert rows[0].item() == pytest.approx(1.5)  # (1+2)/2
+    assert torch.isnan(rows[1]), "a row with no mask entries must be 0/0 = NaN, not 0"
+    cols = adapters.run_masked_mean(T23, mask, dim=0)
+    _close(cols, [1.0, 2.0, float("nan")])  # 1/1, 2/1, 0/0
+    assert torch.isnan(adapters.run_masked_mean(T23, torch.zeros_like(mask)))
+
+
+def test_masked_normalize_ignores_masked_values():
+    # whatever sits under a False mask entry must not change the result
+    a = torch.tensor([[1.0, 100.0, 3.0], [-7.0, 5.0, 6.0]])
+    _close(adapters.run_masked_normalize(a, M23, dim=-1), [4.0, 11.0])
+    _close(adapters.run_masked_mean(a, M23, dim=-1), [2.0, 5.5])
+
+
+# ----------------------------------------------------------------------------- entropy
+
+
+def test_entropy_uniform_is_log_v():
+    for V in (2, 5, 17):
+        for c in (0.0, 7.0, -3.0):
+            logits = torch.full((2, 3, V), c)
+            _close(adapters.run_compute_entropy(logits), torch.full((2, 3), math.log(V)), atol=1e-5)
+
+
+def test_entropy_hand_cases():
+    # softmax([log 2, 0, 0]) = [1/2, 1/4, 1/4];  H = 1/2 ln 2 + 2 * 1/4 ln 4 = 1.5 ln 2
+    logits = torch.tensor([[math.log(2.0), 0.0, 0.0], [100.0, 0.0, 0.0]])
+    H = adapters.run_compute_entropy(logits)
+    assert H.shape == (2,)
+    assert H[0].item() == pytest.approx(1.5 * math.log(2.0), abs=1e-6)
+    # one-hot-ish: p = [~1, e^-100, e^-100], H ~ 200 e^-100 ~ 0
+    assert H[1].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_entropy_stable_with_huge_logits():
+    logits = torch.tensor(
+        [
+            [1e4, 1e4, 1e4, 1e4],  # uniform over 4 at a scale where exp overflows: ln 4
+            [1e4, 1e4, 0.0, -1e4],  # two equal winners: ln 2
+            [1e4, 0.0, 0.0, -1e4],  # one winner: 0
+            [-1e4, -1e4, -1e4, -1e4],  # uniform again: ln 4
+        ]
+    )
+    H = adapters.run_compute_entropy(logits)
+    assert torch.isfinite(H).all(), H
+    # fp32 spacing near 1e4 is ~1e-3, so lse(z) - E[z] at this scale is good to a few 1e-4
+    _close(H, [math.log(4.0), math.log(2.0), 0.0, math.log(4.0)], atol=2e-3)
+
+
+# ----------------------------------------------------------------------------- get_response_log_probs
+
+
+def _random_ids(shape, vocab, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, shape, generator=g)
+
+
+def test_get_response_log_probs_matches_naive():
+    model = tiny_llama(vocab_size=64, seed=0)
+    input_ids, labels = _random_ids((2, 7), 64, 1), _random_ids((2, 7), 64, 2)
+    expected_lp, expected_H = _naive_log_probs_and_entropy(model, input_ids, labels)
+
+    out = adapters.run_get_response_log_probs(model, input_ids, labels, return_token_entropy=False)
+    assert set(out) == {"log_probs"}, "token_entropy only when asked"
+    assert out["log_probs"].shape == (2, 7)
+    _close(out["log_probs"].double(), expected_lp, atol=1e-5)
+    assert (out["log_probs"] <= 0).all()
+
+    out = adapters.run_get_response_log_probs(model, input_ids, labels, return_token_entropy=True)
+    assert set(out) == {"log_probs", "token_entropy"}
+    assert out["token_entropy"].shape == (2, 7)
+    _close(out["log_probs"].double(), expected_lp, atol=1e-5)
+    _close(out["token_entropy"].double(), expected_H, atol=1e-5)
+
+
+def test_get_response_log_probs_gradient_flows():
+    model = tiny_llama(vocab_size=64, seed=3)
+    input_ids, labels = _random_ids((2, 5), 64, 4), _random_ids((2, 5), 64, 5)
+    out = adapters.run_get_response_log_probs(model, input_ids, labels, return_token_entropy=True)
+    out["log_probs"].sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
+# ----------------------------------------------------------------------------- SFT step
+
+
+def _lp23():
+    return torch.tensor([[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0]], requires_grad=True)
+
+
+SFT_MASK = torch.tensor([[True, True, False], [False, True, True]])
+
+
+def test_sft_microbatch_train_step_hand():
+    lp = _lp23()
+    loss, meta = adapters.run_sft_microbatch_train_step(lp, SFT_MASK, gradient_accumulation_steps=1, normalize_constant=2.0)
+    # per example: (-1-2)/2 = -1.5, (-5-6)/2 = -5.5; negated mean: (1.5+5.5)/2 = 3.5
+    assert loss.item() == pytest.approx(3.5)
+    assert isinstance(meta, dict)
+    # d loss / d lp = -mask / (B * normalize_constant * grad_accum) = -mask / (2*2*1)
+    _close(lp.grad, [[-0.25, -0.25, 0.0], [0.0, -0.25, -0.25]])
+
+
+def test_sft_microbatch_train_step_default_constant():
+    lp = _lp23()
+    loss, _ = adapters.run_sft_microbatch_train_step(lp, SFT_MASK, gradient_accumulation_steps=1)
+    # (3 + 11) / 2 = 7
+    assert loss.item() == pytest.approx(7.0)
+    _close(lp.grad, [[-0.5, -0.5, 0.0], [0.0, -0.5, -0.5]])  # -1 / (2*1*1)
+
+
+def test_sft_microbatch_train_step_grad_accum_scaling():
+    lp1, lp4 = _lp23(), _lp23()
+    loss1, _ = adapters.run_sft_microbatch_train_step(lp1, SFT_MASK, 1, 2.0)
+    loss4, _ = adapters.run_sft_microbatch_train_step(lp4, SFT_MASK, 4, 2.0)
+    assert loss4.item() == pytest.approx(loss1.item() / 4)
+    assert loss4.item() == pytest.approx(0.875)  # 3.5 / 4
+    _close(lp4.grad, lp1.grad / 4)
+    _close(lp4.grad, [[-1 / 16, -1 / 16, 0.0], [0.0, -1 / 16, -1 / 16]])  # -1 / (2*2*4)
+
+
+# ----------------------------------------------------------------------------- group-normalized rewards
+
+
+def _toy_reward_fn(response, ground_truth):
+    r = float(response)
+    return {"reward": r, "format_reward": 1.0, "answer_reward": float(response == ground_truth)}
+
+
+# two consecutive groups of 4: [0, 0, 2, 2] and [1, 1, 1, 1]
+RESPONSES = ["0", "0", "2", "2", "1", "1", "1", "1"]
+GTS = ["2"] * 8
+
+
+def test_group_normalized_rewards_no_std():
+    adv, raw, meta = adapters.run_compute_group_normalized_rewards(
+        _toy_reward_fn, RESPONSES, GTS, group_size=4, advantage_eps=1e-6, normalize_by_std=False
+    )
+    assert raw.shape == (8,) and adv.shape == (8,)
+    _close(raw, [0.0, 0.0, 2.0, 2.0, 1.0, 1.0, 1.0, 1.0])
+    # group means 1 and 1: r - mean
+    _close(adv, [-1.0, -1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+    assert (adv[4:] == 0).all()
+
+
+def test_group_normalized_rewards_with_std():
+    adv, raw, meta = adapters.run_compute_group_normalized_rewards(
+        _toy_reward_fn, RESPONSES, GTS, group_size=4, advantage_eps=1e-6, normalize_by_std=True
+    )
+    # group 1: deviations +-1, unbiased var = 4 / 3, std = 2/sqrt(3); (+-1) / std = +-sqrt(3)/2
+    # (the population std, 1, would give +-1: this case tells them apart)
+    s = math.sqrt(3) / 2
+    _close(adv, [-s, -s, s, s, 0.0, 0.0, 0.0, 0.0], atol=1e-5)
+    # identical group: exactly zero, never NaN (0 / (0 + eps))
+    assert not torch.isnan(adv).any()
+    assert (adv[4:] == 0).all()
+    _close(raw, [0.0, 0.0, 2.0, 2.0, 1.0, 1.0, 1.0, 1.0])
+
+
+def test_group_normalized_rewards_groups_are_consecutive():
+    # [3, 1 | 0, 0 | 5, 1]: group means 2, 0, 3
+    adv, _, _ = adapters.run_compute_group_normalized_rewards(
+        _toy_reward_fn, ["3", "1", "0", "0", "5", "1"], ["x"] * 6, 2, 1e-6, False
+    )
+    _close(adv, [1.0, -1.0, 0.0, 0.0, 2.0, -2.0])
+    adv, _, _ = adapters.run_compute_group_normalized_rewards(
+        _toy_reward_fn, ["3", "1", "0", "0", "5", "1"], ["x"] * 6, 2, 1e-6, True
+    )
+    # unbiased std of a pair (a, b) is |a-b|/sqrt(2): [3,1] -> sqrt 2, [5,1] -> 2 sqrt 2
+    r = 1 / math.sqrt(2)
+    _close(adv, [r, -r, 0.0, 0.0, r, -r], atol=1e-5)
+
+
+def test_group_normalized_rewards_metadata():
+    _, _, meta = adapters.run_compute_group_normalized_rewards(
+        _toy_reward_fn, RESPONSES, GTS, group_size=4, advantage_eps=1e-6, normalize_by_std=True
+    )
+    assert _meta(meta, "reward_mean", "mean_reward", "rewards_mean", "mean") == pytest.approx(1.0)  # 8 / 8
+    assert _meta(meta, "reward_max", "max_reward", "rewards_max", "max") == pytest.approx(2.0)
+    assert _meta(meta, "reward_min", "min_reward", "rewards_min", "min") == pytest.approx(0.0)
+    # deviations from 1: four of +-1, four of 0; unbiased sqrt(4/7), population sqrt(4/8)
+    std = _meta(meta, "reward_std", "std_reward", "rewards_std", "std")
+    assert std == pytest.approx(math.sqrt(4 / 7)) or std == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------- policy-gradient losses
+
+
+LP = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -1.0, -2.0]])
+
+
+def test_naive_policy_gradient_loss_hand():
+    A = torch.tensor([[2.0], [-1.0]])  # (B, 1), broadcast over T
+    loss = adapters.run_compute_naive_policy_gradient_loss(A, LP)
+    # -A * logp: row 0: -2 * [-1,-2,-3]; row 1: 1 * [-0.5,-1,-2]
+    _close(loss, [[2.0, 4.0, 6.0], [-0.5, -1.0, -2.0]])
+
+
+# ratios exp(logp - old) = [0.5, 1.0, 1.5] in both rows; A = +2 (row 0), -2 (row 1); c = 0.2
+RATIOS = torch.tensor([[0.5, 1.0, 1.5], [0.5, 1.0, 1.5]])
+OLD = torch.tensor([[-1.0, -2.0, -0.3], [-0.7, -1.1, -2.5]])
+ADV = torch.tensor([[2.0], [-2.0]])
+
+
+def _clip_inputs():
+    lp = (OLD + RATIOS.log()).clone().requires_grad_(True)
+    return lp
+
+
+def test_grpo_clip_loss_hand_and_gradients():
+    lp = _clip_inputs()
+    loss, meta = adapters.run_compute_grpo_clip_loss(ADV, lp, OLD, cliprange=0.2)
+    # row 0 (A=+2): min(r*A, clip(r, .8, 1.2)*A) = min(1, 1.6)=1, min(2, 2)=2, min(3, 2.4)=2.4 -> negated
+    # row 1 (A=-2): min(-1, -1.6)=-1.6, min(-2, -2)=-2, min(-3, -2.4)=-3 -> negated
+    _close(loss, [[-1.0, -2.0, -2.4], [1.6, 2.0, 3.0]], atol=1e-5)
+    loss.sum().backward()
+    # unclipped branch: d(-A r)/dlogp = -A r; clipped branch: constant -> 0
+    # row 0: -2*0.5 = -1, -2*1 = -2, clipped (r > 1.2 with A > 0) -> 0
+    # row 1: clipped (r < 0.8 with A < 0) -> 0, 2*1 = 2, 2*1.5 = 3
+    _close(lp.grad, [[-1.0, -2.0, 0.0], [0.0, 2.0, 3.0]], atol=1e-5)
+    clipped = _meta(meta, "clipped", "is_clipped", "clip_mask")
+    assert torch.equal(clipped.bool(), torch.tensor([[False, False, True], [True, False, False]]))
+
+
+def test_grpo_clip_loss_inside_range_is_plain_ratio():
+    # all ratios within [0.8, 1.2]: loss = -A r and gradient = -A r everywhere, nothing clipped
+    ratios = torch.tensor([[0.9, 1.1], [0.85, 1.15]])
+    old = torch.tensor([[-1.0, -2.0], [-3.0, -0.5]])
+    lp = (old + ratios.log()).clone().requires_grad_(True)
+    A = torch.tensor([[3.0], [-0.5]])
+    loss, meta = adapters.run_compute_grpo_clip_loss(A, lp, old, 0.2)
+    expected = [[-2.7, -3.3], [0.425, 0.575]]  # -3*0.9, -3*1.1, 0.5*0.85, 0.5*1.15
+    _close(loss, expected, atol=1e-5)
+    loss.sum().backward()
+    _close(lp.grad, expected, atol=1e-5)
+    assert not _meta(meta, "clipped", "is_clipped", "clip_mask").bool().any()
+
+
+def test_policy_gradient_loss_dispatch():
+    raw = torch.tensor([[1.0], [0.0]])
+    adv = torch.tensor([[0.5], [-0.5]])
+    loss, _ = adapters.run_compute_policy_gradient_loss(LP, "no_baseline", raw, adv, None, None)
+    _close(loss, [[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])  # -raw * logp
+    loss, _ = adapters.run_compute_policy_gradient_loss(LP, "reinforce_with_baseline", raw, adv, None, None)
+    _close(loss, [[0.5, 1.0, 1.5], [-0.25, -0.5, -1.0]])  # -adv * logp
+    lp = _clip_inputs().detach()
+    loss, meta = adapters.run_compute_policy_gradient_loss(lp, "grpo_clip", raw, ADV, OLD, 0.2)
+    _close(loss, [[-1.0, -2.0, -2.4], [1.6, 2.0, 3.0]], atol=1e-5)  # the hand case above
+    assert isinstance(meta, dict)
+
+
+def test_policy_gradient_loss_unknown_type_raises():
+    with pytest.raises(ValueError):
+        adapters.run_compute_policy_gradient_loss(LP, "ppo_typo", torch.ones(2, 1), torch.ones(2, 1), LP, 0.2)
+
+
+# ----------------------------------------------------------------------------- GRPO step
+
+
+GRPO_MASK = torch.tensor([[True, True, False], [True, False, False]])
+GRPO_A = torch.tensor([[1.0], [-2.0]])
+
+
+def test_grpo_microbatch_train_step_hand():
+    lp = _lp23()
+    loss, _ = adapters.run_grpo_microbatch_train_step(
+        lp, GRPO_MASK, 1, "reinforce_with_baseline", advantages=GRPO_A
+    )
+    # per-token -A*logp: row 0 [1, 2, 3], row 1 [-8, -10, -12]
+    # masked mean over T: (1+2)/2 = 1.5, -8/1 = -8; batch mean (1.5 - 8)/2 = -3.25
+    assert loss.item() == pytest.approx(-3.25)
+    # d/dlogp = -A * mask / (n_tokens_b * B * grad_accum): row 0 -1/(2*2), row 1 2/(1*2)
+    _close(lp.grad, [[-0.25, -0.25, 0.0], [1.0, 0.0, 0.0]])
+    assert (lp.grad[~GRPO_MASK] == 0).all(), "padding positions must get no gradient"
+
+
+def test_grpo_microbatch_train_step_no_baseline_and_clip():
+    lp = _lp23()
+    loss, _ = adapters.run_grpo_microbatch_train_step(lp, GRPO_MASK, 1, "no_baseline", raw_rewards=GRPO_A)
+    assert loss.item() == pytest.approx(-3.25)  # same numbers as above with raw rewards
+    lp = _clip_inputs()
+    mask = torch.tensor([[True, False, True], [False, True, True]])
+    loss, _ = adapters.run_grpo_microbatch_train_step(
+        lp, mask, 2, "grpo_clip", advantages=ADV, old_log_probs=OLD, cliprange=0.2
+    )
+    # per-token [[-1, -2, -2.4], [1.6, 2, 3]]; masked means (-1 - 2.4)/2 = -1.7, (2+3)/2 = 2.5
+    # batch mean 0.4, / grad_accum 2 = 0.2
+    assert loss.item() == pytest.approx(0.2, abs=1e-5)
+    # grads: unclipped-branch -A r / (2 tokens * 2 rows * 2 accum), clipped -> 0, mask False -> 0
+    _close(lp.grad, [[-1 / 8, 0.0, 0.0], [0.0, 2 / 8, 3 / 8]], atol=1e-5)
+
+
+def test_grpo_microbatch_train_step_grad_accum_scaling():
+    lp1, lp4 = _lp23(), _lp23()
+    loss1, _ = adapters.run_grpo_microbatch_train_step(lp1, GRPO_MASK, 1, "reinforce_with_baseline", advantages=GRPO_A)
+    loss4, _ = adapters.run_grpo_microbatch_train_step(lp4, GRPO_MASK, 4, "reinforce_with_baseline", advantages=GRPO_A)
+    assert loss4.item() == pytest.approx(loss1.item() / 4)
+    _close(lp4.grad, lp1.grad / 4)
+    assert lp1.grad.abs().sum() > 0
+
+
+def test_grpo_microbatch_train_step_on_model_populates_grads():
+    model = tiny_llama(vocab_size=64, seed=7)
+    input_ids, labels = _random_ids((2, 6), 64, 8), _random_ids((2, 6), 64, 9)
+    lp = adapters.run_get_response_log_probs(model, input_ids, labels, False)["log_probs"]
+    mask = torch.tensor([[0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]], dtype=torch.bool)
+    adapters.run_grpo_microbatch_train_step(lp, mask, 2, "reinforce_with_baseline", advantages=torch.tensor([[1.0], [-1.0]]))
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+# ----------------------------------------------------------------------------- tokenization (real tokenizer)
+
+
+@pytest.mark.slow
+def test_tokenize_prompt_and_output(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    prompts = ["Hello, world!", "What is 2+2? Think step by step.", "x"]
+    outputs = [" Yes.", " The answer is 4, because 2 plus 2 is 4.", "\nok"]
+    out = adapters.run_tokenize_prompt_and_output(prompts, outputs, tok)
+    p_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    o_ids = [tok(o, add_special_tokens=False)["input_ids"] for o in outputs]
+    L = max(len(p) + len(o) for p, o in zip(p_ids, o_ids))
+    for key in ("input_ids", "labels", "response_mask"):
+        assert out[key].shape == (3, L - 1), key
+    assert out["input_ids"].dtype == torch.long and out["labels"].dtype == torch.long
+    assert out["response_mask"].dtype == torch.bool
+    # labels are input_ids shifted by one
+    assert torch.equal(out["labels"][:, :-1], out["input_ids"][:, 1:])
+    pad = tok.pad_token_id
+    for i in range(3):
+        n = len(p_ids[i]) + len(o_ids[i])
+        row = out["input_ids"][i].tolist() + [out["labels"][i, -1].item()]
+        assert row[:n] == p_ids[i] + o_ids[i]
+        assert row[n:] == [pad] * (L - n)
+        mask = out["response_mask"][i]
+        # the masked labels are exactly the output's tokens, in order
+        assert out["labels"][i][mask].tolist() == o_ids[i]
+        assert mask.sum().item() == len(o_ids[i])
+        # and they sit right after the prompt: label index j is token j+1
+        assert mask.nonzero().squeeze(1).tolist() == list(range(len(p_ids[i]) - 1, n - 1))
+
+
+# ----------------------------------------------------------------------------- packed SFT data (real tokenizer)
+
+
+SFT_ROWS = [
+    {"prompt": "Add 2 and 3.", "response": "2 + 3 = 5."},
+    {"prompt": "Name a colour.", "response": "Blue."},
+    {"prompt": "Say hi.", "response": "Hi!"},
+    {"prompt": "What is the capital of France?", "response": "Paris is the capital of France."},
+]
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _independent_stream(tok, rows):
+    stream = []
+    for r in rows:
+        text = tasks.ALPACA_PROMPT.format(instruction=r["prompt"], response=r["response"])
+        stream += [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return stream
+
+
+def _pick_length(n_tokens):
+    """A sequence length that leaves an incomplete tail and gives a count not divisible by 3."""
+    for L in range(16, 40):
+        if (n_tokens - 1) % L != 0 and ((n_tokens - 1) // L) % 3 != 0:
+            return L
+    raise AssertionError("no suitable length")
+
+
+@pytest.mark.slow
+def test_packed_sft_dataset(smollm2_tokenizer, tmp_path):
+    tok = smollm2_tokenizer
+    path = _write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS)
+    stream = _independent_stream(tok, SFT_ROWS)
+    L = _pick_length(len(stream))
+    ds = adapters.get_packed_sft_dataset(tok, str(path), L, shuffle=False)
+    n = (len(stream) - 1) // L  # incomplete tail dropped
+    assert len(ds) == n and n >= 4
+    for i in range(n):
+        ex = ds[i]
+        assert ex["input_ids"].shape == (L,) and ex["labels"].shape == (L,)
+        assert ex["input_ids"].dtype == torch.long and ex["labels"].dtype == torch.long
+        assert torch.equal(ex["labels"][:-1], ex["input_ids"][1:])
+        assert ex["input_ids"].tolist() == stream[i * L : (i + 1) * L]
+        assert ex["labels"].tolist() == stream[i * L + 1 : (i + 1) * L + 1]
+    # the packed stream: BOS first, documents separated by EOS + BOS
+    packed = torch.cat([ds[i]["input_ids"] for i in range(n)]).tolist() + [ds[n - 1]["labels"][-1].item()]
+    assert packed[0] == tok.bos_token_id
+    eos_at = [j for j, t in enumerate(packed) if t == tok.eos_token_id]
+    assert eos_at, "the kept stream should cross at least one document boundary"
+    for j in eos_at:
+        if j + 1 < len(packed):
+            assert packed[j + 1] == tok.bos_token_id
+    n_eos_in_full = sum(t == tok.eos_token_id for t in stream)
+    assert n_eos_in_full == len(SFT_ROWS)
+    assert len(packed) < len(stream), "the tail must be dropped"
+
+
+@pytest.mark.slow
+def test_packed_sft_dataset_shuffle_keeps_documents(smollm2_tokenizer, tmp_path):
+    tok = smollm2_tokenizer
+    path = _write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS)
+    stream = _independent_stream(tok, SFT_ROWS)
+    L = _pick_length(len(stream))
+    ds = adapters.get_packed_sft_dataset(tok, str(path), L, shuffle=True)
+    assert len(ds) == (len(stream) - 1) // L
+    assert ds[0]["input_ids"][0].item() == tok.bos_token_id
+    for i in range(len(ds)):
+        assert torch.equal(ds[i]["labels"][:-1], ds[i]["input_ids"][1:])
+
+
+@pytest.mark.slow
+def test_iterate_batches(smollm2_tokenizer, tmp_path):
+    tok = smollm2_tokenizer
+    path = _write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS)
+    stream = _independent_stream(tok, SFT_ROWS)
+    L = _pick_length(len(stream))
+    ds = adapters.get_packed_sft_dataset(tok, str(path), L, shuffle=False)
+    n = len(ds)
+    batches = list(adapters.run_iterate_batches(ds, batch_size=3, shuffle=False))
+    assert len(batches) == math.ceil(n / 3)
+    for b in batches[:-1]:
+        assert b["input_ids"].shape == (3, L) and b["labels"].shape == (3, L)
+    assert batches[-1]["input_ids"].shape == (n % 3, L)  # short last batch
+    # unshuffled: the first example is the independently built stream's first L tokens
+    assert batches[0]["input_ids"][0].tolist() == stream[:L]
+    assert batches[0]["labels"][0].tolist() == stream[1 : L + 1]
+    all_ids = torch.cat([b["input_ids"] for b in batches])
+    assert all_ids.flatten().tolist() == stream[: n * L]
+
+    torch.manual_seed(0)
+    shuffled = torch.cat([b["input_ids"] for b in adapters.run_iterate_batches(ds, 3, shuffle=True)])
+    assert shuffled.shape == (n, L)
+    assert sorted(map(tuple, shuffled.tolist())) == sorted(map(tuple, all_ids.tolist()))
+
+
+# ----------------------------------------------------------------------------- DPO (real tokenizer, tiny models)
+
+
+def _naive_sequence_log_prob(model, ids):
+    """Sum over tokens 1..n-1 of log p(token_i | tokens_<i), one position at a time."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    return sum(torch.log_softmax(logits[i - 1], -1)[ids[i]].item() for i in range(1, len(ids)))
+
+
+DPO_PROMPT = "Write a short greeting."
+DPO_CHOSEN = "Hello! It is nice to meet you."
+DPO_REJECTED = "Go away."
+
+
+@pytest.mark.slow
+def test_per_instance_dpo_loss_matches_independent(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    lm, lm_ref = tiny_llama(vocab_size=49152, seed=0), tiny_llama(vocab_size=49152, seed=1)
+    beta = 0.5
+    logp = {}
+    for name, response in (("c", DPO_CHOSEN), ("r", DPO_REJECTED)):
+        text = tasks.ALPACA_PROMPT.format(instruction=DPO_PROMPT, response=response) + tok.eos_token
+        ids = tok(text)["input_ids"]
+        logp[name] = _naive_sequence_log_prob(lm, ids)
+        logp["ref_" + name] = _naive_sequence_log_prob(lm_ref, ids)
+    margin = beta * ((logp["c"] - logp["ref_c"]) - (logp["r"] - logp["ref_r"]))
+    expected = -math.log(1 / (1 + math.exp(-margin)))
+    loss = adapters.run_compute_per_instance_dpo_loss(lm, lm_ref, tok, beta, DPO_PROMPT, DPO_CHOSEN, DPO_REJECTED)
+    assert loss.numel() == 1
+    assert abs(margin) > 1e-3, "the two random models should disagree"
+    assert loss.item() == pytest.approx(expected, abs=1e-4)
+
+    lm.zero_grad(), lm_ref.zero_grad()
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lm.parameters())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in lm_ref.parameters()), "no gradient to lm_ref"
+
+
+@pytest.mark.slow
+def test_per_instance_dpo_loss_same_model_is_log2(smollm2_tokenizer):
+    lm = tiny_llama(vocab_size=49152, seed=2)
+    loss = adapters.run_compute_per_instance_dpo_loss(lm, lm, smollm2_tokenizer, 0.1, DPO_PROMPT, DPO_CHOSEN, DPO_REJECTED)
+    # margin 0: -log sigmoid(0) = log 2
+    assert loss.item() == pytest.approx(math.log(2.0), abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def _sample(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    generated = torch.zeros((logits.shape[0], 0), dtype=torch.long)
+    return common.sample_next_token(logits, generated, temperature, top_k, top_p, min_p, 1.0, g)
+
+
+# probabilities [0.5, 0.3, 0.15, 0.05] over V = 4
+PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
+N_DRAWS = 4000
+
+
+def _many(probs=PROBS, n=N_DRAWS):
+    return probs.log().expand(n, -1).clone()  # (n, V): n independent rows
+
+
+def test_sample_temperature_zero_is_argmax():
+    logits = torch.randn(5, 11, generator=torch.Generator().manual_seed(0))
+    token, lp = _sample(logits, temperature=0.0)
+    assert token.tolist() == [int(torch.argmax(row)) for row in logits]
+    assert token.shape == (5,) and lp.shape == (5,)
+
+
+def test_sample_top_k_one_is_argmax():
+    logits = torch.randn(64, 11, generator=torch.Generator().manual_seed(1))
+    token, _ = _sample(logits, temperature=1.5, top_k=1)
+    assert token.tolist() == [int(torch.argmax(row)) for row in logits]
+
+
+def test_sample_small_top_p_only_top_token():
+    token, _ = _sample(_many(), top_p=0.05)
+    assert (token == 0).all()
+    # nucleus 0.7: the smallest prefix reaching 0.7 is {0.5, 0.3}
+    token, _ = _sample(_many(), top_p=0.7, seed=1)
+    counts = torch.bincount(token, minlength=4)
+    assert counts[2] == 0 and counts[3] == 0 and counts[0] > 0 and counts[1] > 0
+
+
+def test_sample_min_p_removes_unlikely_tokens():
+    # min_p 0.2: floor 0.2 * 0.5 = 0.1 -> token 3 (0.05) removed, tokens 0..2 kept
+    token, _ = _sample(_many(), min_p=0.2, seed=2)
+    counts = torch.bincount(token, minlength=4).float()
+    assert counts[3] == 0
+    freq = counts / N_DRAWS
+    # renormalized over the kept tokens: 0.5/0.95, 0.3/0.95, 0.15/0.95
+    for k, p in enumerate([0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95]):
+        assert abs(freq[k].item() - p) < 0.04, (k, freq)
+    # without min_p token 3 does appear (so the check above can fail)
+    token, _ = _sample(_many(), seed=2)
+    assert (token == 3).any()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 2.0])
+def test_sample_log_prob_is_tempered_log_softmax(temperature):
+    logits = torch.randn(6, 9, generator=torch.Generator().manual_seed(3)) * 3
+    token, lp = _sample(logits, temperature=temperature, seed=4)
+    for b in range(6):
+        expected = torch.log_softmax(logits[b].double() / temperature, -1)[token[b]].item()
+        assert lp[b].item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_sample_reproducible_with_generator():
+    logits = torch.randn(16, 30, generator=torch.Generator().manual_seed(5))
+    a, _ = _sample(logits, temperature=1.0, seed=11)
+    b, _ = _sample(logits, temperature=1.0, seed=11)
+    assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+class CharTokenizer:
+    """Minimal character tokenizer for a 64-token vocabulary: 0 pad, 1 bos, 2 eos, 3.. chars."""
+
+    CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 <>/.,?!+-=:;()ABCDEFGHIJKLM"[:61]
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+    pad_token, eos_token = "<pad>", "<eos>"
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [3 + self.CHARS.index(c) for c in text]}
+
+    def decode(self, ids, skip_special_tokens=False):
+        out = []
+        for i in ids:
+            if i < 3:
+                if not skip_special_tokens:
+                    out.append(["<pad>", "<bos>", "<eos>"][i])
+            else:
+                out.append(self.CHARS[i - 3])
+        return "".join(out)
+
+    def batch_decode(self, batch, skip_special_tokens=False):
+        return [self.decode(ids, skip_special_tokens) for ids in batch]
+
+
+def _greedy_reference(model, prompt_ids, max_new_tokens, eos_ids):
+    """Greedy decoding with the model recomputed on the whole growing sequence (no cache)."""
+    ids, new, lps = list(prompt_ids), [], []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model(torch.tensor([ids])).logits[0, -1].double()
+            token = int(torch.argmax(logits))
+            new.append(token)
+            lps.append(torch.log_softmax(logits, -1)[token].item())
+            ids.append(token)
+            if token in eos_ids:
+                break
+    return new, lps
+
+
+GEN_PROMPTS = ["what is 2+3?", "hi", "a much longer prompt, with more words in it."]
+
+
+def _check_greedy_matches(model, tok, prompts, max_new_tokens, eos_ids):
+    results = common.generate(model, tok, prompts, max_new_tokens, temperature=0.0, stop=())
+    assert len(results) == len(prompts)
+    for prompt, res in zip(prompts, results):
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        ref_ids, ref_lps = _greedy_reference(model, p_ids, max_new_tokens, eos_ids)
+        assert res["prompt_ids"] == p_ids
+        assert res["response_ids"] == ref_ids, prompt
+        assert len(res["log_probs"]) == len(ref_ids)
+        for got, exp in zip(res["log_probs"], ref_lps):
+            assert got == pytest.approx(exp, abs=1e-4)
+    return results
+
+
+def test_generate_greedy_single_prompt_matches_reference():
+    model, tok = tiny_llama(vocab_size=64, seed=0), CharTokenizer()
+    _check_greedy_matches(model, tok, GEN_PROMPTS[:1], 12, {2})
+
+
+def test_generate_greedy_batch_left_padding_matches_reference():
+    # prompts of different lengths: left padding and position ids must not change the result
+    model, tok = tiny_llama(vocab_size=64, seed=0), CharTokenizer()
+    _check_greedy_matches(model, tok, GEN_PROMPTS, 12, {2})
+
+
+def test_generate_greedy_is_deterministic():
+    model, tok = tiny_llama(vocab_size=64, seed=1), CharTokenizer()
+    a = common.generate(model, tok, GEN_PROMPTS, 10, temperature=0.0)
+    b = common.generate(model, tok, GEN_PROMPTS, 10, temperature=0.0)
+    assert [r["response_ids"] for r in a] == [r["response_ids"] for r in b]
+    assert [r["response"] for r in a] == [r["response"] for r in b]
+
+
+def test_generate_result_structure_and_truncation():
+    model, tok = tiny_llama(vocab_size=64, seed=2), CharTokenizer()
+    g = torch.Generator().manual_seed(0)
+    max_new = 8
+    results = common.generate(model, tok, GEN_PROMPTS * 3, max_new, temperature=1.0, generator=g)
+    assert len(results) == len(GEN_PROMPTS) * 3
+    for prompt, res in zip(GEN_PROMPTS * 3, results):
+        assert {"prompt_ids", "response_ids", "response", "log_probs", "truncated"} <= set(res)
+        ids = res["response_ids"]
+        assert 1 <= len(ids) <= max_new
+        assert len(res["log_probs"]) == len(ids)
+        assert all(lp <= 0 for lp in res["log_probs"])
+        assert res["response"] == tok.decode(ids, skip_special_tokens=True)
+        stopped = ids[-1] == tok.eos_token_id or tasks.STOP in tok.decode(ids)
+        if res["truncated"]:
+            assert len(ids) == max_new and not stopped
+        else:
+            assert stopped
+        # nothing is generated past an EOS
+        assert tok.eos_token_id not in ids[:-1]
+
+
+def test_generate_stops_at_eos_and_is_not_truncated():
+    # an output layer that always puts EOS on top: every response is exactly [EOS]
+    model, tok = tiny_llama(vocab_size=64, seed=3), CharTokenizer()
+    head = torch.nn.Linear(32, 64, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[tok.eos_token_id] = 10.0
+    model.lm_head = head
+    results = common.generate(model, tok, GEN_PROMPTS, 8, temperature=0.0)
+    for res in results:
+        assert res["response_ids"] == [tok.eos_token_id]
+        assert res["truncated"] is False
+        assert res["response"] == ""
+
+
+@pytest.mark.slow
+def test_generate_greedy_with_real_tokenizer(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    model = tiny_llama(vocab_size=49152, seed=4)
+    prompts = ["What is 2 + 3?", "Hi", "Tell me a long story about a dragon and a knight."]
+    results = _check_greedy_matches(model, tok, prompts, 6, {tok.eos_token_id, 2})
+    for res in results:
+        assert res["response"] == tok.decode(res["response_ids"], skip_special_tokens=True)

@@ -1,0 +1,309 @@
+"""Tests of tasks.py: rewards, answer parsing, task splits, JSONL readers and prompts."""
+
+import json
+
+import pytest
+
+import adapters
+import tasks
+
+# ----------------------------------------------------------------------------- r1_zero reward
+
+
+def _r1(answer, reasoning=" 2 + 2 is 4 "):
+    """A response in the r1_zero format (the prompt already ends with '<think>')."""
+    return f"{reasoning}</think> <answer>{answer}</answer>"
+
+
+ALL_ONE = {"format_reward": 1.0, "answer_reward": 1.0, "reward": 1.0}
+FORMAT_ONLY = {"format_reward": 1.0, "answer_reward": 0.0, "reward": 0.0}
+ALL_ZERO = {"format_reward": 0.0, "answer_reward": 0.0, "reward": 0.0}
+
+
+def _check(got, expected):
+    assert set(expected) <= set(got), got
+    assert {k: float(got[k]) for k in expected} == expected
+
+
+def test_r1_zero_right_answer():
+    _check(adapters.run_r1_zero_reward_fn(_r1("4"), "4"), ALL_ONE)
+    _check(adapters.run_r1_zero_reward_fn(_r1(" 4 "), "4"), ALL_ONE)
+
+
+def test_r1_zero_wrong_answer():
+    _check(adapters.run_r1_zero_reward_fn(_r1("5"), "4"), FORMAT_ONLY)
+    _check(adapters.run_r1_zero_reward_fn(_r1("\\frac{1}{3}"), "0.5"), FORMAT_ONLY)
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        " 2 + 2 is 4 </think><answer>4</answer>",  # no space between the tags
+        " 2 + 2 is 4 <answer>4</answer>",  # no </think>
+        " 2 + 2 is 4 </think> <answer>4",  # no </answer>
+        " 2 + 2 is 4 </think> 4",  # no answer tags at all
+        "4",
+        "",
+    ],
+)
+def test_r1_zero_bad_format_is_all_zero(response):
+    _check(adapters.run_r1_zero_reward_fn(response, "4"), ALL_ZERO)
+
+
+@pytest.mark.parametrize(
+    "answer, ground_truth",
+    [
+        ("1/2", "0.5"),
+        ("\\frac{1}{2}", "0.5"),
+        ("0.5", "0.5"),
+        ("3.0", "3"),
+        ("3", "3.0"),
+        ("\\frac{1}{2}", "\\frac{1}{2}"),
+        ("0.5", "\\frac{1}{2}"),
+    ],
+)
+def test_r1_zero_equivalent_forms(answer, ground_truth):
+    _check(adapters.run_r1_zero_reward_fn(_r1(answer), ground_truth), ALL_ONE)
+
+
+@pytest.mark.parametrize(
+    "response, ground_truth",
+    [
+        ("None", "4"),
+        ("null", "None"),
+        (_r1("None"), "4"),
+        (_r1(""), "4"),
+        (_r1("4"), ""),
+        ("x" * 1_000_000, "4"),  # 1 MB of junk
+        (_r1("x" * 1_000_000), "4"),
+        (_r1("{" * 10_000), "4"),  # unbalanced braces
+        (_r1("}" * 50 + "{" * 50), "4"),
+        (_r1("\\frac{" * 40), "\\frac{1}{2}"),
+        ("</think> <answer>" * 2000, "4"),  # many openings and no closing tag
+        (_r1("\x00\ud800"), "4"),  # a NUL and a lone surrogate
+    ],
+    ids=["None", "null", "None-answer", "empty-answer", "empty-gt", "1MB", "1MB-answer", "braces",
+         "closed-open-braces", "nested-frac", "many-open-tags", "odd-chars"],
+)
+def test_r1_zero_never_raises_on_junk(response, ground_truth):
+    got = adapters.run_r1_zero_reward_fn(response, ground_truth)
+    assert set(got) >= {"format_reward", "answer_reward", "reward"}
+    assert all(float(v) in (0.0, 1.0) for v in got.values())
+    assert float(got["answer_reward"]) == 0.0 and float(got["reward"]) == 0.0
+
+
+# ----------------------------------------------------------------------------- exact match reward
+
+
+@pytest.mark.parametrize(
+    "response, ground_truth, expected",
+    [
+        (_r1("42"), "42", ALL_ONE),
+        (_r1("42.0"), "42", ALL_ONE),  # equal as numbers
+        (_r1(" 1,234 "), "1234", ALL_ONE),
+        (_r1("-7"), "-7", ALL_ONE),
+        (_r1("41"), "42", FORMAT_ONLY),
+        (_r1("forty-two"), "42", FORMAT_ONLY),
+        (_r1(""), "42", FORMAT_ONLY),
+        # without the tags: the last number counts for the answer, but the reward needs the format
+        ("so the answer is 42", "42", {"format_reward": 0.0, "answer_reward": 1.0, "reward": 0.0}),
+        ("first 42 then 41", "42", ALL_ZERO),
+        ("no number here", "42", ALL_ZERO),
+    ],
+)
+def test_exact_match_reward_fn(response, ground_truth, expected):
+    _check(tasks.exact_match_reward_fn(response, ground_truth), expected)
+
+
+def test_exact_match_reward_fn_never_raises():
+    for response in ("", "x" * 1_000_000, _r1("{" * 10_000), "</think> <answer>"):
+        got = tasks.exact_match_reward_fn(response, "42")
+        assert float(got["reward"]) == 0.0
+
+
+# ----------------------------------------------------------------------------- parsers
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("The answer is 42.", "42"),
+        ("First 3 apples, then 7 more, so 10", "10"),
+        ("It dropped to -5 degrees", "-5"),
+        ("She paid 3.75 dollars", "3.75"),
+        ("Total: 1,234,567 people", "1234567"),
+        ("The change is -0.5 and then 12.", "12"),
+        ("#### 1,234", "1234"),
+        ("no numbers at all", None),
+        ("", None),
+    ],
+)
+def test_parse_gsm8k_response(text, expected):
+    assert adapters.run_parse_gsm8k_response(text) == expected
+
+
+MMLU_EXAMPLE = {
+    "subject": "arithmetic",
+    "question": "What is 2 + 2?",
+    "options": ["3", "4", "5", "6"],
+    "answer": "B",
+}
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("The correct answer is B", "B"),
+        ("Let me think. 2 + 2 = 4, so the correct answer is B.", "B"),
+        ("The answer is D", "D"),
+        ("The answer is (A)", "A"),
+        ("I am not sure about this one.", None),
+        ("", None),
+    ],
+)
+def test_parse_mmlu_response(text, expected):
+    assert adapters.run_parse_mmlu_response(MMLU_EXAMPLE, text) == expected
+
+
+# ----------------------------------------------------------------------------- task splits
+
+
+SPLIT_TASKS = ["chain_sum", "basic_arithmetic", "gsm_symbolic"]
+N_SPLIT = 200
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return {t: (tasks.task_split(t, "eval", N_SPLIT), tasks.task_split(t, "train", N_SPLIT)) for t in SPLIT_TASKS}
+
+
+@pytest.mark.parametrize("task", SPLIT_TASKS)
+def test_task_split_disjoint_and_well_formed(splits, task):
+    eval_items, train_items = splits[task]
+    assert len(eval_items) == N_SPLIT and len(train_items) == N_SPLIT
+    eval_q = {ex["question"] for ex in eval_items}
+    train_q = {ex["question"] for ex in train_items}
+    assert not eval_q & train_q, f"{task}: {len(eval_q & train_q)} questions in both splits"
+    for ex in eval_items + train_items:
+        assert isinstance(ex["question"], str) and ex["question"]
+        assert isinstance(ex["answer"], str) and ex["answer"]
+
+
+@pytest.mark.parametrize("task", SPLIT_TASKS)
+def test_task_split_deterministic(splits, task):
+    n = 50  # a fresh call, shorter than the fixture's: the same generator gives the same prefix
+    eval_items, train_items = splits[task]
+    assert tasks.task_split(task, "eval", N_SPLIT) == eval_items
+    assert tasks.task_split(task, "eval", n) == eval_items[:n]
+    assert tasks.task_split(task, "train", N_SPLIT) == train_items
+
+
+def test_gsm_symbolic_has_reasoning_and_trace(splits):
+    for ex in splits["gsm_symbolic"][0][:50] + splits["gsm_symbolic"][1][:50]:
+        assert isinstance(ex["reasoning"], str) and ex["reasoning"].strip()
+        assert "####" not in ex["reasoning"]
+        trace = tasks.r1_zero_trace(ex["reasoning"], ex["answer"])
+        assert trace.endswith(f"</think> <answer>{ex['answer']}</answer>")
+        # the trace is a right answer under the r1_zero reward
+        _check(adapters.run_r1_zero_reward_fn(trace, ex["answer"]), ALL_ONE)
+
+
+def test_r1_zero_trace_hand():
+    assert tasks.r1_zero_trace("  2 + 3 = 5\n", "5") == " 2 + 3 = 5 </think> <answer>5</answer>"
+
+
+# ----------------------------------------------------------------------------- JSONL readers
+
+
+def _write(tmp_path, lines, name="data.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join((ln if isinstance(ln, str) else json.dumps(ln)) + "\n" for ln in lines))
+    return path
+
+
+def test_read_jsonl_math_with_answer(tmp_path):
+    path = _write(tmp_path, [{"problem": "What is 1+1?", "answer": "2", "solution": "1+1=2"}])
+    (row,) = tasks.read_jsonl(path, "qa")
+    assert row["question"] == "What is 1+1?" and row["answer"] == "2"
+
+
+def test_read_jsonl_math_with_boxed_solution(tmp_path):
+    path = _write(
+        tmp_path,
+        [
+            {"problem": "Half of 1?", "solution": "It is $\\boxed{\\frac{1}{2}}$."},
+            {"problem": "Two tries", "solution": "Not \\boxed{3}, but \\boxed{4}."},
+            {"problem": "Set", "solution": "$\\boxed{\\{1, 2\\}}$"},
+        ],
+    )
+    rows = tasks.read_jsonl(path, "qa")
+    assert [r["answer"] for r in rows] == ["\\frac{1}{2}", "4", "\\{1, 2\\}"]
+    assert rows[0]["question"] == "Half of 1?"
+
+
+def test_read_jsonl_gsm8k(tmp_path):
+    path = _write(
+        tmp_path,
+        [
+            {"question": "How many?", "answer": "Some reasoning.\n#### 1,234"},
+            {"question": "Negative?", "answer": "Down by 5.\n#### -5"},
+        ],
+    )
+    rows = tasks.read_jsonl(path, "qa")
+    assert [r["answer"] for r in rows] == ["1234", "-5"]
+    assert rows[0]["question"] == "How many?"
+
+
+def test_read_jsonl_sft_and_dpo(tmp_path):
+    sft = _write(tmp_path, [{"prompt": "p1", "response": "r1"}, {"prompt": "p2", "response": "r2", "extra": 1}], "sft.jsonl")
+    rows = tasks.read_jsonl(sft, "sft")
+    assert [(r["prompt"], r["response"]) for r in rows] == [("p1", "r1"), ("p2", "r2")]
+    dpo = _write(tmp_path, [{"prompt": "p", "chosen": "good", "rejected": "bad"}], "dpo.jsonl")
+    (row,) = tasks.read_jsonl(dpo, "dpo")
+    assert (row["prompt"], row["chosen"], row["rejected"]) == ("p", "good", "bad")
+
+
+GOOD_SFT = {"prompt": "p", "response": "r"}
+
+
+@pytest.mark.parametrize(
+    "kind, bad_line, must_mention",
+    [
+        ("sft", '{"prompt": "p", "response": ', []),  # bad JSON
+        ("sft", '["prompt", "response"]', []),  # not an object
+        ("sft", '"just a string"', []),
+        ("sft", {"prompt": "p"}, ["response"]),  # missing key
+        ("dpo", {"prompt": "p", "chosen": "c"}, ["rejected"]),
+        ("qa", {"problem": "no answer here"}, ["answer"]),
+        ("qa", {"text": "neither style"}, ["question"]),
+    ],
+    ids=["bad-json", "list", "string", "sft-missing", "dpo-missing", "math-missing", "qa-neither"],
+)
+def test_read_jsonl_malformed_line(tmp_path, kind, bad_line, must_mention):
+    good = {
+        "sft": GOOD_SFT,
+        "dpo": {"prompt": "p", "chosen": "c", "rejected": "r"},
+        "qa": {"question": "q", "answer": "1"},
+    }[kind]
+    path = _write(tmp_path, [good, good, bad_line, good])
+    with pytest.raises(tasks.DataError) as info:
+        tasks.read_jsonl(path, kind)
+    message = str(info.value)
+    assert str(path) in message
+    assert ":3:" in message
+    for word in must_mention:
+        assert word in message, message
+    assert isinstance(info.value, ValueError)
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def test_r1_zero_prompt():
+    question = "What is 17 + 25?"
+    prompt = tasks.r1_zero_prompt(question)
+    assert question in prompt
+    assert prompt.endswith("Assistant: <think>")
+    assert prompt.startswith("A conversation between User and Assistant.")
+    assert f"\nUser: {question}\nAssistant: <think>" in prompt
+    assert "<think> reasoning process here </think> <answer> answer here </answer>." in prompt
