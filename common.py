@@ -6,6 +6,7 @@ the setup helpers every torch script shares (device, dtype, model loading) and t
 batched KV-cache sampler used for rollouts and evaluation.
 """
 
+import os
 import random
 
 import numpy as np
@@ -49,16 +50,32 @@ def compute_entropy(logits):
     return lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
 
 
-def get_response_log_probs(model, input_ids, labels, return_token_entropy=False):
+def get_response_log_probs(model, input_ids, labels, return_token_entropy=False, shared_prefix=0):
     """log p(labels | prefix) under a causal LM. input_ids, labels (B, T) -> log_probs (B, T)
-    [and token_entropy (B, T)]. log p = z[label] - logsumexp(z), no full log-softmax copy."""
-    logits = model(input_ids).logits.float()  # (B, T, V)
+    [and token_entropy (B, T)]. log p = z[label] - logsumexp(z), no full log-softmax copy.
+    shared_prefix=K (rows identical in their first K tokens, e.g. the r1_zero instructions):
+    those K tokens go through the model once and their KV cache is shared by every row;
+    same result, gradients included, at a fraction of the cost."""
+    if shared_prefix <= 0:
+        return _log_probs_from_logits(model(input_ids).logits, labels, return_token_entropy)
+    from transformers import DynamicCache
+
+    B, K, cache = input_ids.shape[0], shared_prefix, DynamicCache()
+    head = model(input_ids[:1, :K], past_key_values=cache, use_cache=True).logits  # (1, K, V)
+    cache.batch_repeat_interleave(B)  # differentiable copy: gradients flow back into the prefix
+    tail = model(input_ids[:, K:], past_key_values=cache, use_cache=True).logits  # (B, T-K, V)
+    parts = [_log_probs_from_logits(head.expand(B, -1, -1), labels[:, :K], return_token_entropy),
+             _log_probs_from_logits(tail, labels[:, K:], return_token_entropy)]
+    return {key: torch.cat([p[key] for p in parts], 1) for key in parts[0]}
+
+
+def _log_probs_from_logits(logits, labels, return_token_entropy):
+    logits = logits.float()
     lse = torch.logsumexp(logits, dim=-1)
-    log_probs = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
-    out = {"log_probs": log_probs}
+    out = {"log_probs": logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse}
     if return_token_entropy:
         with torch.no_grad():
-            out["token_entropy"] = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+            out["token_entropy"] = compute_entropy(logits)
     return out
 
 
@@ -140,21 +157,31 @@ def compute_grpo_clip_loss(advantages, policy_log_probs, old_log_probs, cliprang
     return -torch.minimum(unclipped, clipped), {"clipped": (clipped < unclipped).detach(), "ratio": ratio.detach()}
 
 
+RATIO_LOSSES = ("grpo_clip", "dr_grpo", "dapo", "bnpo", "gspo")  # need old log-probs
+TOKEN_SUM_LOSSES = ("dr_grpo", "dapo", "bnpo")  # aggregated as sum over tokens / a normalizer
+
+
 def compute_policy_gradient_loss(
-    policy_log_probs, loss_type, raw_rewards=None, advantages=None, old_log_probs=None, cliprange=None
+    policy_log_probs, loss_type, raw_rewards=None, advantages=None, old_log_probs=None, cliprange=None,
+    cliprange_high=None, response_mask=None,
 ):
     """Dispatch: 'no_baseline' (raw rewards), 'reinforce_with_baseline' (advantages),
-    'grpo_clip' (clipped ratio). Returns per-token loss (B, T) and metadata."""
+    'grpo_clip' (clipped ratio); beyond the course 'dr_grpo', 'dapo', 'bnpo' (grpo_clip
+    per token, aggregated differently) and 'gspo' (sequence-level ratio, needs
+    response_mask). Returns per-token loss (B, T) and metadata."""
     if loss_type == "no_baseline":
         assert raw_rewards is not None, "no_baseline needs raw_rewards"
         return compute_naive_policy_gradient_loss(raw_rewards, policy_log_probs), {}
     if loss_type == "reinforce_with_baseline":
         assert advantages is not None, "reinforce_with_baseline needs advantages"
         return compute_naive_policy_gradient_loss(advantages, policy_log_probs), {}
-    if loss_type == "grpo_clip":
+    if loss_type in RATIO_LOSSES:
         assert advantages is not None and old_log_probs is not None and cliprange is not None
-        return compute_grpo_clip_loss(advantages, policy_log_probs, old_log_probs, cliprange)
-    raise ValueError(f"unknown loss_type {loss_type!r}: expected no_baseline, reinforce_with_baseline or grpo_clip")
+        if loss_type == "gspo":
+            return compute_gspo_loss(advantages, policy_log_probs, old_log_probs, response_mask, cliprange, cliprange_high)
+        return compute_grpo_clip_loss(advantages, policy_log_probs, old_log_probs, cliprange, cliprange_high)
+    raise ValueError(f"unknown loss_type {loss_type!r}: expected no_baseline, reinforce_with_baseline, "
+                     f"{', '.join(RATIO_LOSSES)}")
 
 
 def grpo_microbatch_train_step(
@@ -166,13 +193,27 @@ def grpo_microbatch_train_step(
     advantages=None,
     old_log_probs=None,
     cliprange=None,
+    cliprange_high=None,
+    ref_log_probs=None,
+    beta=0.0,
+    loss_normalizer=None,
 ):
     """Policy-gradient loss on a microbatch, backward, scaled loss back.
-    loss = mean_b[ masked_mean_t(per_token_loss) ] / grad_accum."""
+    loss = mean_b[ masked_mean_t(per_token_loss) ] / grad_accum; for dr_grpo / dapo /
+    bnpo instead sum_{b,t}(per_token_loss) / loss_normalizer (the caller's constant, the
+    optimizer batch's or the microbatch's token count x grad_accum). With beta > 0 the
+    per-token k3 KL to ref_log_probs is added first."""
     per_token, metadata = compute_policy_gradient_loss(
-        policy_log_probs, loss_type, raw_rewards, advantages, old_log_probs, cliprange
+        policy_log_probs, loss_type, raw_rewards, advantages, old_log_probs, cliprange, cliprange_high, response_mask
     )
-    loss = masked_mean(per_token, response_mask, dim=-1).mean() / gradient_accumulation_steps
+    if beta > 0:
+        kl = kl_k3(policy_log_probs, ref_log_probs)
+        per_token = per_token + beta * kl
+        metadata["kl"] = masked_mean(kl.detach(), response_mask)
+    if loss_type in TOKEN_SUM_LOSSES:
+        loss = masked_normalize(per_token, response_mask, normalize_constant=loss_normalizer)
+    else:
+        loss = masked_mean(per_token, response_mask, dim=-1).mean() / gradient_accumulation_steps
     loss.backward()
     return loss.detach(), metadata
 
@@ -351,7 +392,8 @@ def generate(
     """Sample one completion per prompt with a KV cache, batch_size prompts at a time.
     Each sequence stops at EOS, at a stop string (kept in the text) or at max_new_tokens.
     Returns dicts: prompt_ids, response_ids, response (text), log_probs (sampling
-    log-probs, one per response token), truncated (hit max_new_tokens without stopping).
+    log-probs, one per response token), truncated (hit max_new_tokens without stopping),
+    entropy (mean next-token entropy over the response).
     This is the whole rollout interface: another engine (vLLM) only has to return the same."""
     results = []
     for start in range(0, len(prompts), batch_size):
@@ -361,10 +403,10 @@ def generate(
             model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, top_k, min_p,
             repetition_penalty, min_new_tokens, stop, generator,
         )
-        for p_ids, (ids, lps, truncated) in zip(prompt_ids, sampled):
+        for p_ids, (ids, lps, truncated, entropy) in zip(prompt_ids, sampled):
             text = tokenizer.decode(ids, skip_special_tokens=True)
             results.append({"prompt_ids": p_ids, "response_ids": ids, "response": text, "log_probs": lps,
-                            "truncated": truncated})
+                            "truncated": truncated, "entropy": entropy})
     return results
 
 
@@ -403,6 +445,7 @@ def _generate_batch(model, tokenizer, prompt_ids, max_new_tokens, temperature, t
     out_lps = torch.zeros((B, 0), device=device)
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long)  # where each row stopped
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    entropy_sum = torch.zeros(B, device=device)
     active = torch.arange(B, device=device)  # rows still in the (compacted) batch
     cache = DynamicCache()
     if K > 0:
@@ -415,11 +458,13 @@ def _generate_batch(model, tokenizer, prompt_ids, max_new_tokens, temperature, t
     for t in range(max_new_tokens):
         if t < min_new_tokens:
             logits[:, eos] = -float("inf")
+        entropy = compute_entropy(logits)  # (b,) of the model's next-token distribution
         token, lp = sample_next_token(logits, history[active] if history.shape[1] else history,
                                       temperature, top_k, top_p, min_p, repetition_penalty, generator)
         step_tokens = torch.full((B,), tokenizer.pad_token_id, dtype=torch.long, device=device)
         step_lps = torch.zeros(B, device=device)
         step_tokens[active], step_lps[active] = token, lp
+        entropy_sum[active] += entropy
         out_tokens = torch.cat([out_tokens, step_tokens[:, None]], 1)
         out_lps = torch.cat([out_lps, step_lps[:, None]], 1)
         if repetition_penalty != 1.0:
@@ -443,7 +488,8 @@ def _generate_batch(model, tokenizer, prompt_ids, max_new_tokens, temperature, t
         logits = model(input_ids=token[:, None], attention_mask=attention, position_ids=positions,
                        past_key_values=cache, use_cache=True).logits[:, -1].float()
     return [
-        (out_tokens[i, : lengths[i]].tolist(), out_lps[i, : lengths[i]].tolist(), not bool(finished[i]))
+        (out_tokens[i, : lengths[i]].tolist(), out_lps[i, : lengths[i]].tolist(), not bool(finished[i]),
+         entropy_sum[i].item() / max(1, lengths[i].item()))
         for i in range(B)
     ]
 
@@ -464,9 +510,198 @@ def evaluate(model, tokenizer, examples, reward_fn, max_new_tokens, temperature=
                         batch_size=batch_size, generator=generator)
         for ex, prompt, out in zip(chunk, prompts, outs):
             rows.append({"question": ex["question"], "answer": ex["answer"], "prompt": prompt,
-                         "response": out["response"], "length": len(out["response_ids"]),
+                         "response": out["response"], "length": len(out["response_ids"]), "entropy": out["entropy"],
                          "truncated": out["truncated"], **reward_fn(out["response"], ex["answer"])})
         bar.update(len(chunk))
     bar.close()
     model.train(was_training)
     return rows, tasks.summarize_rewards(rows)
+
+
+# ----------------------------------------------------------------------------- beyond the course (grpo.py)
+
+
+def compute_gspo_loss(advantages, policy_log_probs, old_log_probs, response_mask, cliprange, cliprange_high=None):
+    """GSPO: one importance ratio per sequence, s = exp(mean_t(logp - old)), clipped like
+    PPO. A (B, 1), log_probs (B, T) -> per-token loss (B, T) (the sequence loss on every
+    token, so a per-sequence mean recovers it), metadata."""
+    high = cliprange if cliprange_high is None else cliprange_high
+    log_ratio = masked_mean(policy_log_probs - old_log_probs, response_mask, dim=-1).unsqueeze(-1)  # (B, 1)
+    ratio = torch.exp(log_ratio)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - cliprange, 1 + high) * advantages
+    loss = -torch.minimum(unclipped, clipped).expand_as(policy_log_probs)
+    return loss, {"clipped": (clipped < unclipped).expand_as(policy_log_probs).detach(), "ratio": ratio.detach()}
+
+
+def kl_k3(policy_log_probs, ref_log_probs):
+    """Per-token KL(pi || ref) estimate (Schulman's k3): exp(ref - logp) - (ref - logp) - 1 >= 0."""
+    delta = ref_log_probs - policy_log_probs
+    return torch.exp(delta) - delta - 1
+
+
+# ----------------------------------------------------------------------------- training state
+
+
+def add_lora(model, rank, alpha=None, dropout=0.0):
+    """Wrap a causal LM with peft LoRA adapters on every linear projection."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=dropout, target_modules=targets,
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.95), warmup_steps=0, total_steps=1):
+    """AdamW on the trainable parameters + linear warmup then cosine decay to 10% of lr."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas,
+                                  foreach=params[0].device.type != "cpu" or None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total_steps))
+    return optimizer, scheduler
+
+
+def lr_factor(step, warmup_steps, total_steps, final=0.1):
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return final + (1 - final) * 0.5 * (1 + np.cos(np.pi * progress))
+
+
+def take(examples, cursor, n, seed):
+    """Examples cursor .. cursor+n of an endless stream of seeded per-epoch shuffles.
+    A pure function of the cursor, so a resumed run sees exactly the same data."""
+    out = []
+    while len(out) < n:
+        epoch, offset = divmod(cursor, len(examples))
+        order = list(range(len(examples)))
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+        take_now = min(n - len(out), len(examples) - offset)
+        out += [examples[i] for i in order[offset : offset + take_now]]
+        cursor += take_now
+    return out
+
+
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def save_pretrained(model, tokenizer, path):
+    """A plain HF directory (safetensors + config + tokenizer) that transformers and
+    mlx_lm.load both read; LoRA adapters are merged into a copy first."""
+    import copy
+    import json
+    import os
+
+    if hasattr(model, "merge_and_unload"):  # peft
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    config_path = os.path.join(path, "config.json")
+    config = json.load(open(config_path))
+    rope_theta = (config.get("rope_parameters") or {}).get("rope_theta")
+    if rope_theta is not None and "rope_theta" not in config:  # mlx-lm reads only the top-level key
+        config["rope_theta"] = rope_theta
+        with open(config_path, "w") as f:
+            json.dump(config, f, indent=2)
+
+
+def save_checkpoint(out_dir, step, model, tokenizer, state):
+    """<out_dir>/checkpoints/step_N: HF weights + train_state.pt (optimizer, scheduler, RNG,
+    data cursor, step, and for LoRA the adapter weights). Written to a temp dir, then
+    renamed, so a crash mid-save never leaves a half checkpoint behind."""
+    import os
+    import shutil
+    import tempfile
+
+    root = os.path.join(out_dir, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, f"step_{step:06d}")
+    tmp = tempfile.mkdtemp(dir=root, prefix=".tmp-")
+    save_pretrained(model, tokenizer, tmp)
+    trainable = {k: v for k, v in model.state_dict().items() if "lora_" in k} if hasattr(model, "peft_config") else None
+    torch.save({**state, "step": step, "rng": rng_state(), "adapter": trainable}, os.path.join(tmp, "train_state.pt"))
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    return final
+
+
+def latest_checkpoint(out_dir):
+    import glob
+    import os
+
+    found = sorted(glob.glob(os.path.join(out_dir, "checkpoints", "step_*", "train_state.pt")))
+    return os.path.dirname(found[-1]) if found else None
+
+
+def load_train_state(path, model):
+    """Restore what save_checkpoint wrote (weights must already be loaded for full
+    fine-tuning; LoRA adapters are restored here). Returns the state dict."""
+    state = torch.load(os.path.join(path, "train_state.pt"), weights_only=False)
+    if state.get("adapter"):
+        model.load_state_dict(state["adapter"], strict=False)
+    set_rng_state(state["rng"])
+    return state
+
+
+def load_policy(args, start_model=None):
+    """The model to train and its tokenizer: from the latest checkpoint in args.out_dir when
+    --resume finds one (full fine-tuning), else from start_model or args.model; LoRA-wrapped
+    when --lora-rank > 0 (its adapters are restored by resume()). Returns model, tokenizer,
+    checkpoint path or None."""
+    ckpt = latest_checkpoint(args.out_dir) if args.resume else None
+    device = pick_device(args.device)
+    source = ckpt if ckpt and not args.lora_rank else (start_model or args.model)
+    model, tokenizer = load_model(source, device, pick_dtype(args.dtype, device), args.cache_dir)
+    if args.lora_rank:
+        model = add_lora(model, args.lora_rank)
+    model.config.use_cache = False
+    return model, tokenizer, ckpt
+
+
+def resume(ckpt, model, optimizer, scheduler):
+    """Restore optimizer, scheduler, RNG (and LoRA adapters) from a checkpoint -> (step, cursor)."""
+    if not ckpt:
+        return 0, 0
+    state = load_train_state(ckpt, model)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["step"], state["cursor"]
+
+
+def completion_log_probs(model, tokenizer, prompts, responses, return_token_entropy=False):
+    """log p of each response given its prompt, (B, T) with the response mask, sharing the
+    forward pass of the prompts' common prefix."""
+    batch = tokenize_prompt_and_output(prompts, responses, tokenizer)
+    device = next(model.parameters()).device
+    input_ids, labels, mask = (batch[k].to(device) for k in ("input_ids", "labels", "response_mask"))
+    out = get_response_log_probs(model, input_ids, labels, return_token_entropy,
+                                 shared_prefix=shared_prefix_length(input_ids.tolist()))
+    return out, mask
+
+
+def optimizer_step(model, optimizer, scheduler, max_grad_norm):
+    """Clip, step, schedule, zero. Returns the pre-clip gradient norm."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm.item()
+
+
+def evaluate_and_log(model, tokenizer, examples, args, step, log):
+    """Greedy held-out evaluation: accuracy to the metrics log, a sample of generations
+    (prompt, response, reward parts, entropy, length) to <out_dir>/eval_samples.jsonl."""
+    rows, summary = evaluate(model, tokenizer, examples, tasks.REWARDS[args.reward], args.max_new_tokens,
+                             batch_size=args.eval_batch_size, desc=f"eval@{step}")
+    tasks.write_jsonl(os.path.join(args.out_dir, "eval_samples.jsonl"), [{"step": step, **r} for r in rows[:16]], "a")
+    log({"step": step, "eval_accuracy": summary["accuracy"], "eval_format_rate": summary["format_rate"]})
+    return summary

@@ -408,6 +408,24 @@ def summarize_rewards(rewards):
     }
 
 
+class MetricsLog:
+    """One dict per call appended to <out_dir>/metrics.jsonl (and wandb with --wandb)."""
+
+    def __init__(self, out_dir, use_wandb=False, config=None):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.wandb = None
+        if use_wandb:
+            import wandb
+
+            self.wandb = wandb
+            wandb.init(project="nanoalign", config=config)
+
+    def __call__(self, row):
+        write_jsonl(self.path, [row], "a")
+        if self.wandb:
+            self.wandb.log(row, step=row["step"])
+
+
 def write_jsonl(path, rows, mode="w"):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -33,3 +33,12 @@ def tiny_llama(vocab_size=64, seed=0, **overrides):
         bos_token_id=1, eos_token_id=2, **overrides,
     )
     return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
+    """A tiny random Llama with the real SmolLM2 tokenizer, saved as an HF directory."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    tiny_llama(vocab_size=len(smollm2_tokenizer)).save_pretrained(path)
+    smollm2_tokenizer.save_pretrained(path)
+    return str(path)

@@ -621,10 +621,14 @@ def test_sample_min_p_removes_unlikely_tokens():
     assert (token == 3).any()
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7, 2.0])
-def test_sample_log_prob_is_tempered_log_softmax(temperature):
+@pytest.mark.parametrize(
+    "temperature, filters",
+    [(1.0, {}), (0.7, {}), (2.0, {}), (0.7, {"top_k": 3}), (1.0, {"top_p": 0.8, "min_p": 0.05})],
+)
+def test_sample_log_prob_is_tempered_log_softmax(temperature, filters):
+    # the log-prob is under softmax(logits / temperature), the filters only restrict the draw
     logits = torch.randn(6, 9, generator=torch.Generator().manual_seed(3)) * 3
-    token, lp = _sample(logits, temperature=temperature, seed=4)
+    token, lp = _sample(logits, temperature=temperature, seed=4, **filters)
     for b in range(6):
         expected = torch.log_softmax(logits[b].double() / temperature, -1)[token[b]].item()
         assert lp[b].item() == pytest.approx(expected, abs=1e-5)

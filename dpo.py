@@ -1,0 +1,152 @@
+"""DPO against a frozen reference, on preference pairs from a file or from the policy itself.
+
+--train-data pairs.jsonl ({prompt, chosen, rejected}): each response is formatted with the
+Alpaca template + EOS, as compute_per_instance_dpo_loss does. Without a file, pairs are
+built on the fly from the policy's own samples on the task: for each question, one answer
+the verifier accepts (chosen) and one it rejects (rejected), under the r1_zero prompt.
+The batched loss is -log sigmoid(beta * ((logpi(c) - logref(c)) - (logpi(r) - logref(r)))),
+with log-probs summed over the response tokens (the prompt's terms cancel).
+
+    uv run python dpo.py --model runs/sft/final --task chain_sum
+    uv run python dpo.py --train-data prefs.jsonl --beta 0.1 --n-steps 100
+"""
+
+import argparse
+import json
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+import common
+import tasks
+
+
+def parse_args(argv=None):
+    p = tasks.add_shared_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+    g = p.add_argument_group("dpo")
+    g.add_argument("--n-steps", type=int, default=20)
+    g.add_argument("--beta", type=float, default=0.1)
+    g.add_argument("--lr", type=float, default=1e-6)
+    g.add_argument("--batch-size", type=int, default=16, help="pairs per optimizer step (at most, on-the-fly)")
+    g.add_argument("--grad-accum", type=int, default=2)
+    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--group-size", type=int, default=8, help="samples per question when building pairs")
+    g.add_argument("--min-new-tokens", type=int, default=4)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--lora-rank", type=int, default=0, help="0 = full fine-tuning")
+    g.add_argument("--n-train", type=int, default=5000)
+    g.add_argument("--eval-every", type=int, default=0, help="0 = only at the end")
+    g.add_argument("--save-every", type=int, default=0, help="0 = only the final model")
+    g.add_argument("--resume", action="store_true")
+    g.add_argument("--wandb", action="store_true")
+    p.set_defaults(max_new_tokens=64)
+    args = p.parse_args(argv)
+    args.out_dir = args.out_dir or os.path.join("runs", "dpo")
+    if args.batch_size % args.grad_accum:
+        p.error(f"--batch-size ({args.batch_size}) must be a multiple of --grad-accum ({args.grad_accum})")
+    return args
+
+
+def pairs_from_file(path, tokenizer):
+    """(prompt, chosen, rejected) strings in the Alpaca format that compute_per_instance_dpo_loss uses."""
+    rows = tasks.read_jsonl(path, "dpo")
+    head = tasks.ALPACA_PROMPT.split("{response}")[0]
+    return [(head.format(instruction=r["prompt"]), r["chosen"] + tokenizer.eos_token, r["rejected"] + tokenizer.eos_token)
+            for r in rows]
+
+
+def pairs_from_policy(model, tokenizer, questions, args):
+    """Sample group_size answers per question; pair one accepted with one rejected answer."""
+    prompts = [tasks.r1_zero_prompt(q["question"]) for q in questions]
+    model.eval()
+    rollouts = common.generate(model, tokenizer, [p for p in prompts for _ in range(args.group_size)],
+                               args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.min_p,
+                               args.repetition_penalty, args.min_new_tokens)
+    model.train()
+    reward_fn, pairs = tasks.REWARDS[args.reward], []
+    for i, (prompt, q) in enumerate(zip(prompts, questions)):
+        group = rollouts[i * args.group_size : (i + 1) * args.group_size]
+        good = [r["response"] for r in group if reward_fn(r["response"], q["answer"])["reward"] == 1]
+        bad = [r["response"] for r in group if reward_fn(r["response"], q["answer"])["reward"] != 1]
+        if good and bad:
+            pairs.append((prompt, good[0], bad[0]))
+    return pairs
+
+
+def pair_log_probs(model, tokenizer, pairs):
+    """Summed response log-probs of chosen and rejected, (n,) each."""
+    prompts = [p for p, _, _ in pairs] * 2
+    responses = [c for _, c, _ in pairs] + [r for _, _, r in pairs]
+    out, mask = common.completion_log_probs(model, tokenizer, prompts, responses)
+    return (out["log_probs"] * mask).sum(-1).split(len(pairs))
+
+
+def main(args):
+    common.set_seed(args.seed)
+    os.makedirs(args.out_dir, exist_ok=True)
+    model, tokenizer, ckpt = common.load_policy(args)
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    ref_model = common.load_model(args.model, device, dtype, args.cache_dir)[0].eval().requires_grad_(False)
+    optimizer, scheduler = common.make_optimizer(model, args.lr, args.weight_decay, (0.9, 0.95), args.warmup_steps,
+                                                 args.n_steps)
+    file_pairs = pairs_from_file(args.train_data, tokenizer) if args.train_data else None
+    train_examples = None if file_pairs else tasks.load_examples(args, "train", args.n_train)
+    eval_examples = tasks.load_examples(args, "eval", args.n_eval)
+    start_step, cursor = common.resume(ckpt, model, optimizer, scheduler)
+    log = tasks.MetricsLog(args.out_dir, args.wandb, vars(args))
+    micro = args.batch_size // args.grad_accum
+    summary = None
+
+    model.train()
+    bar = tqdm(range(start_step, args.n_steps), desc="dpo", initial=start_step, total=args.n_steps)
+    for step in bar:
+        t0 = time.perf_counter()
+        if file_pairs:
+            pairs = common.take(file_pairs, cursor, args.batch_size, args.seed)
+            cursor += len(pairs)
+        else:  # one pair at most per question: sample batch_size questions
+            pairs = pairs_from_policy(model, tokenizer, common.take(train_examples, cursor, args.batch_size, args.seed),
+                                      args)
+            cursor += args.batch_size
+        stats = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0}
+        for m0 in range(0, len(pairs), micro):
+            chunk = pairs[m0 : m0 + micro]
+            chosen, rejected = pair_log_probs(model, tokenizer, chunk)
+            with torch.no_grad():
+                ref_chosen, ref_rejected = pair_log_probs(ref_model, tokenizer, chunk)
+            losses, margins = common.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta)
+            (losses.sum() / len(pairs)).backward()  # mean over the step's pairs
+            stats["loss"] += losses.sum().item() / len(pairs)
+            stats["accuracy"] += (margins > 0).float().sum().item() / len(pairs)
+            stats["margin"] += margins.sum().item() / len(pairs)
+            stats["chosen_reward"] += args.beta * (chosen - ref_chosen).sum().item() / len(pairs)
+            stats["rejected_reward"] += args.beta * (rejected - ref_rejected).sum().item() / len(pairs)
+        grad_norm = common.optimizer_step(model, optimizer, scheduler, args.max_grad_norm) if pairs else 0.0
+        row = {"step": step + 1, "pairs": len(pairs), **stats, "grad_norm": grad_norm,
+               "lr": scheduler.get_last_lr()[0], "step_s": time.perf_counter() - t0}
+        log(row)
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['accuracy']:.2f}", pairs=len(pairs))
+        last = step + 1 == args.n_steps
+        if last or (args.eval_every and (step + 1) % args.eval_every == 0):
+            summary = common.evaluate_and_log(model, tokenizer, eval_examples, args, step + 1, log)
+            bar.write(f"step {step + 1}: held-out accuracy {summary['accuracy']:.1%} format {summary['format_rate']:.1%}")
+        if not last and args.save_every and (step + 1) % args.save_every == 0:
+            common.save_checkpoint(args.out_dir, step + 1, model, tokenizer, {
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "cursor": cursor})
+    common.save_pretrained(model, tokenizer, os.path.join(args.out_dir, "final"))
+    if summary is None:
+        return None
+    tasks.print_summary(summary, f"held-out after {args.n_steps} DPO steps")
+    with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+if __name__ == "__main__":
+    main(parse_args())
