@@ -36,7 +36,7 @@ def main(args):
 
     with tasks.Timer() as timer:
         rows, summary = common.evaluate(
-            model, tokenizer, examples, tasks.REWARDS[args.reward], args.max_new_tokens, args.temperature,
+            model, tokenizer, examples, tasks.get_reward_fn(args.reward), args.max_new_tokens, args.temperature,
             args.top_p, args.eval_batch_size, generator, desc="baseline",
         )
     summary.update(model=args.model, task=args.eval_data or args.task, dtype=str(dtype).removeprefix("torch."),

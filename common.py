@@ -44,10 +44,11 @@ def join_prompt_and_output_ids(prompt_ids, output_ids, pad_id):
 
 def compute_entropy(logits):
     """Entropy of softmax(logits) over the last axis. (..., V) -> (...).
-    H = logsumexp(z) - sum softmax(z) * z."""
-    logits = logits.float()
-    lse = torch.logsumexp(logits, dim=-1)
-    return lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    H = logsumexp(z) - sum softmax(z) * z, with z shifted by its max (exact at huge
+    logits) and -inf entries (masked tokens, probability 0) contributing 0, not NaN."""
+    z = logits.float()
+    z = z - z.max(dim=-1, keepdim=True).values
+    return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z.masked_fill(z.isinf(), 0)).sum(-1)
 
 
 def get_response_log_probs(model, input_ids, labels, return_token_entropy=False, shared_prefix=0):
@@ -700,7 +701,7 @@ def optimizer_step(model, optimizer, scheduler, max_grad_norm):
 def evaluate_and_log(model, tokenizer, examples, args, step, log):
     """Greedy held-out evaluation: accuracy to the metrics log, a sample of generations
     (prompt, response, reward parts, entropy, length) to <out_dir>/eval_samples.jsonl."""
-    rows, summary = evaluate(model, tokenizer, examples, tasks.REWARDS[args.reward], args.max_new_tokens,
+    rows, summary = evaluate(model, tokenizer, examples, tasks.get_reward_fn(args.reward), args.max_new_tokens,
                              batch_size=args.eval_batch_size, desc=f"eval@{step}")
     tasks.write_jsonl(os.path.join(args.out_dir, "eval_samples.jsonl"), [{"step": step, **r} for r in rows[:16]], "a")
     log({"step": step, "eval_accuracy": summary["accuracy"], "eval_format_rate": summary["format_rate"]})

@@ -69,7 +69,7 @@ def pairs_from_policy(model, tokenizer, questions, args):
                                args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.min_p,
                                args.repetition_penalty, args.min_new_tokens)
     model.train()
-    reward_fn, pairs = tasks.REWARDS[args.reward], []
+    reward_fn, pairs = tasks.get_reward_fn(args.reward), []
     for i, (prompt, q) in enumerate(zip(prompts, questions)):
         group = rollouts[i * args.group_size : (i + 1) * args.group_size]
         good = [r["response"] for r in group if reward_fn(r["response"], q["answer"])["reward"] == 1]

@@ -60,7 +60,7 @@ def main(args):
                                                  total_steps=10**9)
     train_examples = tasks.load_examples(args, "train", args.n_train)
     eval_examples = tasks.load_examples(args, "eval", args.n_eval)
-    reward_fn = tasks.REWARDS[args.reward]
+    reward_fn = tasks.get_reward_fn(args.reward)
     start_step, cursor = common.resume(ckpt, model, optimizer, scheduler)
     log = tasks.MetricsLog(args.out_dir, args.wandb, vars(args))
     micro = args.batch_size // args.grad_accum

@@ -102,7 +102,7 @@ def main(args):
                                                  total_optimizer_steps)
     train_examples = tasks.load_examples(args, "train", args.n_train)
     eval_examples = tasks.load_examples(args, "eval", args.n_eval)
-    reward_fn = tasks.REWARDS[args.reward]
+    reward_fn = tasks.get_reward_fn(args.reward)
     start_step, cursor = common.resume(ckpt, model, optimizer, scheduler)
     log = tasks.MetricsLog(args.out_dir, args.wandb, vars(args))
 

@@ -11,6 +11,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -62,7 +63,7 @@ def _convert_gguf(target):
 
     gguf = _gguf_path()
     target.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[nanoalign] converting {gguf.name} to {target} (once, ~30 s)", flush=True)
+    print(f"[nanoalign] converting {gguf.name} to {target} (once, ~30 s)", file=sys.stderr, flush=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -322,17 +323,25 @@ def answers_match(answer, ground_truth, timeout_s=1):
         return False
 
 
-_FORMAT = re.compile(r"</think> <answer>(.*?)</answer>", re.DOTALL)
+def _tagged_answer(response):
+    """The text between the first '</think> <answer>' and the next '</answer>', or None.
+    Two linear scans (a regex rescans the rest of the text at every opening tag)."""
+    opening = response.find("</think> <answer>")
+    if opening < 0:
+        return None
+    start = opening + len("</think> <answer>")
+    end = response.find("</answer>", start)
+    return response[start:end] if end >= 0 else None
 
 
 def r1_zero_reward_fn(response, ground_truth):
     """Strict r1_zero reward: format ok iff '</think> <answer>' ... '</answer>'; the answer
     between the tags graded by equivalence; reward 1 only when both are right."""
     try:
-        m = _FORMAT.search(response[:100_000])
-        if not m:
+        answer = _tagged_answer(response[:100_000])
+        if answer is None:
             return {"format_reward": 0.0, "answer_reward": 0.0, "reward": 0.0}
-        right = answers_match(m.group(1), ground_truth)
+        right = answers_match(answer, ground_truth)
         return {"format_reward": 1.0, "answer_reward": float(right), "reward": float(right)}
     except Exception:  # noqa: BLE001
         return {"format_reward": 0.0, "answer_reward": 0.0, "reward": 0.0}
@@ -342,16 +351,33 @@ def exact_match_reward_fn(response, ground_truth):
     """For integer tasks: the text between the answer tags (or, without them, the last number)
     equals the ground truth as a number. format_reward still reports the strict r1_zero format."""
     try:
-        m = _FORMAT.search(response[:100_000])
-        answer = m.group(1) if m else parse_gsm8k_response(response[:100_000]) or ""
+        tagged = _tagged_answer(response[:100_000])
+        answer = tagged if tagged is not None else parse_gsm8k_response(response[:100_000]) or ""
         a, g = _as_number(answer), _as_number(str(ground_truth))
         right = a is not None and g is not None and a == g
-        return {"format_reward": float(bool(m)), "answer_reward": float(right), "reward": float(bool(m) and right)}
+        formatted = tagged is not None
+        return {"format_reward": float(formatted), "answer_reward": float(right), "reward": float(formatted and right)}
     except Exception:  # noqa: BLE001
         return {"format_reward": 0.0, "answer_reward": 0.0, "reward": 0.0}
 
 
 REWARDS = {"r1_zero": r1_zero_reward_fn, "exact": exact_match_reward_fn}
+
+
+def get_reward_fn(name):
+    """A reward function by name (r1_zero, exact) or by path: 'path/to/file.py:function'.
+    Every reward has the signature (response, ground_truth) -> {reward, format_reward, answer_reward}."""
+    if name in REWARDS:
+        return REWARDS[name]
+    path, sep, fn = name.rpartition(":")
+    if not sep or not path.endswith(".py") or not os.path.exists(path):
+        raise ValueError(f"--reward {name!r}: expected one of {', '.join(REWARDS)} or path/to/file.py:function")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, fn)
 
 
 # ----------------------------------------------------------------------------- flags and logging
@@ -365,7 +391,7 @@ def add_shared_args(parser):
     g.add_argument("--task", default=DEFAULT_TASK, help=f"{', '.join(TASKS)} or any reasoning-gym name[:k=v,...]")
     g.add_argument("--train-data", default=None, help="JSONL of your own training data (overrides --task)")
     g.add_argument("--eval-data", default=None, help="JSONL of your own held-out data (overrides --task)")
-    g.add_argument("--reward", default="r1_zero", choices=sorted(REWARDS))
+    g.add_argument("--reward", default="r1_zero", help=f"{', '.join(REWARDS)} or path/to/file.py:function")
     g.add_argument("--out-dir", default=None, help="run directory (default runs/<script>)")
     g.add_argument("--n-eval", type=int, default=200, help="held-out items per evaluation")
     g.add_argument("--eval-batch-size", type=int, default=64)

@@ -27,11 +27,12 @@ def tiny_llama(vocab_size=64, seed=0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    settings = dict(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=0,
-        bos_token_id=1, eos_token_id=2, **overrides,
+        bos_token_id=1, eos_token_id=2,
     )
+    config = LlamaConfig(**{**settings, **overrides})
     return LlamaForCausalLM(config).eval()
 
 

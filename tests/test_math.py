@@ -126,6 +126,16 @@ def test_entropy_stable_with_huge_logits():
     _close(H, [math.log(4.0), math.log(2.0), 0.0, math.log(4.0)], atol=2e-3)
 
 
+def test_entropy_with_masked_minus_inf_logits():
+    # a vocabulary entry masked to -inf has probability 0 and contributes 0 log 0 = 0
+    inf = float("inf")
+    logits = torch.tensor([[0.0, 0.0, -inf], [math.log(2.0), 0.0, -inf]])
+    H = adapters.run_compute_entropy(logits)
+    # [1/2, 1/2, 0]: ln 2;  [2/3, 1/3, 0]: -(2/3 ln 2/3 + 1/3 ln 1/3) = ln 3 - 2/3 ln 2
+    assert torch.isfinite(H).all(), H
+    _close(H, [math.log(2.0), math.log(3.0) - 2 / 3 * math.log(2.0)], atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- get_response_log_probs
 
 
@@ -150,6 +160,26 @@ def test_get_response_log_probs_matches_naive():
     assert out["token_entropy"].shape == (2, 7)
     _close(out["log_probs"].double(), expected_lp, atol=1e-5)
     _close(out["token_entropy"].double(), expected_H, atol=1e-5)
+
+
+def test_get_response_log_probs_shared_prefix_matches_naive():
+    # rows identical in their first 4 tokens: the shared-prefix path must give the same values
+    # and the same parameter gradients as the plain forward pass
+    model = tiny_llama(vocab_size=64, seed=0)
+    input_ids, labels = _random_ids((3, 9), 64, 1), _random_ids((3, 9), 64, 2)
+    input_ids[:, :4] = input_ids[0, :4]
+    expected_lp, expected_H = _naive_log_probs_and_entropy(model, input_ids, labels)
+    out = common.get_response_log_probs(model, input_ids, labels, True, shared_prefix=4)
+    _close(out["log_probs"].double(), expected_lp, atol=1e-5)
+    _close(out["token_entropy"].double(), expected_H, atol=1e-5)
+    weights = torch.linspace(-1, 1, 27).view(3, 9)
+    (out["log_probs"] * weights).sum().backward()
+    shared = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    plain = adapters.run_get_response_log_probs(model, input_ids, labels, False)["log_probs"]
+    (plain * weights).sum().backward()
+    for g_shared, p in zip(shared, model.parameters()):
+        assert torch.allclose(g_shared, p.grad, atol=1e-5), "shared-prefix gradients differ"
 
 
 def test_get_response_log_probs_gradient_flows():
@@ -669,18 +699,21 @@ class CharTokenizer:
 
 
 def _greedy_reference(model, prompt_ids, max_new_tokens, eos_ids):
-    """Greedy decoding with the model recomputed on the whole growing sequence (no cache)."""
-    ids, new, lps = list(prompt_ids), [], []
+    """Greedy decoding with the model recomputed on the whole growing sequence (no cache).
+    Returns the new tokens, their log-probs and the mean next-token entropy."""
+    ids, new, lps, entropies = list(prompt_ids), [], [], []
     with torch.no_grad():
         for _ in range(max_new_tokens):
             logits = model(torch.tensor([ids])).logits[0, -1].double()
             token = int(torch.argmax(logits))
+            log_p = torch.log_softmax(logits, -1)
             new.append(token)
-            lps.append(torch.log_softmax(logits, -1)[token].item())
+            lps.append(log_p[token].item())
+            entropies.append(-(log_p.exp() * log_p).sum().item())
             ids.append(token)
             if token in eos_ids:
                 break
-    return new, lps
+    return new, lps, sum(entropies) / len(entropies)
 
 
 GEN_PROMPTS = ["what is 2+3?", "hi", "a much longer prompt, with more words in it."]
@@ -691,12 +724,14 @@ def _check_greedy_matches(model, tok, prompts, max_new_tokens, eos_ids):
     assert len(results) == len(prompts)
     for prompt, res in zip(prompts, results):
         p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        ref_ids, ref_lps = _greedy_reference(model, p_ids, max_new_tokens, eos_ids)
+        ref_ids, ref_lps, ref_entropy = _greedy_reference(model, p_ids, max_new_tokens, eos_ids)
         assert res["prompt_ids"] == p_ids
         assert res["response_ids"] == ref_ids, prompt
         assert len(res["log_probs"]) == len(ref_ids)
         for got, exp in zip(res["log_probs"], ref_lps):
             assert got == pytest.approx(exp, abs=1e-4)
+        # the docstring's "entropy": mean next-token entropy over the response
+        assert res["entropy"] == pytest.approx(ref_entropy, abs=1e-4)
     return results
 
 
@@ -709,6 +744,33 @@ def test_generate_greedy_batch_left_padding_matches_reference():
     # prompts of different lengths: left padding and position ids must not change the result
     model, tok = tiny_llama(vocab_size=64, seed=0), CharTokenizer()
     _check_greedy_matches(model, tok, GEN_PROMPTS, 12, {2})
+
+
+def test_generate_greedy_batch_with_shared_prefix_matches_reference():
+    # prompts that share a long prefix (as r1_zero prompts do) and differ in suffix length
+    model, tok = tiny_llama(vocab_size=64, seed=5), CharTokenizer()
+    prefix = "user: solve this. question: "
+    prompts = [prefix + q for q in ("1+1?", "what is 12+30?", "x", "1+1?")]
+    _check_greedy_matches(model, tok, prompts, 10, {2})
+
+
+def _tiny_gpt2(seed=0):
+    """A random 2-layer GPT-2: learned absolute position embeddings, so a wrong position id
+    changes the output (RoPE in tiny_llama is blind to a constant per-row offset). A large
+    init scale keeps the random model from repeating one token forever."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=64, n_positions=128, n_embd=32, n_layer=2, n_head=4, bos_token_id=1,
+                        eos_token_id=2, pad_token_id=0, initializer_range=0.5)
+    return GPT2LMHeadModel(config).eval()
+
+
+def test_generate_greedy_batch_absolute_positions_matches_reference():
+    model, tok = _tiny_gpt2(), CharTokenizer()
+    _check_greedy_matches(model, tok, GEN_PROMPTS, 10, {2})
+    prefix = "user: solve this. question: "
+    _check_greedy_matches(model, tok, [prefix + q for q in ("1+1?", "what is 12+30?", "x")], 10, {2})
 
 
 def test_generate_greedy_is_deterministic():
@@ -741,20 +803,45 @@ def test_generate_result_structure_and_truncation():
         assert tok.eos_token_id not in ids[:-1]
 
 
-def test_generate_stops_at_eos_and_is_not_truncated():
-    # an output layer that always puts EOS on top: every response is exactly [EOS]
-    model, tok = tiny_llama(vocab_size=64, seed=3), CharTokenizer()
+def _eos_biased_model():
+    """tiny_llama whose output layer ignores the hidden state: logits 0 everywhere, 10 at EOS."""
+    model = tiny_llama(vocab_size=64, seed=3)
     head = torch.nn.Linear(32, 64, bias=True)
     with torch.no_grad():
         head.weight.zero_()
         head.bias.zero_()
-        head.bias[tok.eos_token_id] = 10.0
+        head.bias[2] = 10.0
     model.lm_head = head
+    return model
+
+
+def test_generate_stops_at_eos_and_is_not_truncated():
+    # an output layer that always puts EOS on top: every response is exactly [EOS]
+    model, tok = _eos_biased_model(), CharTokenizer()
     results = common.generate(model, tok, GEN_PROMPTS, 8, temperature=0.0)
     for res in results:
         assert res["response_ids"] == [tok.eos_token_id]
         assert res["truncated"] is False
         assert res["response"] == ""
+
+
+def test_generate_min_new_tokens_hand():
+    # EOS-biased head (all logits 0, EOS 10). With min_new_tokens=3 EOS is masked for three
+    # steps: the 63 other tokens tie at 0, argmax picks token 0 (pad), log p = -ln 63,
+    # entropy ln 63; then EOS: log p = 10 - ln(e^10 + 63), entropy of [e^10, 1 x 63] / Z.
+    model, tok = _eos_biased_model(), CharTokenizer()
+    results = common.generate(model, tok, GEN_PROMPTS[:2], 8, temperature=0.0, min_new_tokens=3)
+    z = math.exp(10) + 63
+    p_eos, p_other = math.exp(10) / z, 1 / z
+    h_last = -(p_eos * math.log(p_eos) + 63 * p_other * math.log(p_other))
+    for res in results:
+        assert res["response_ids"] == [0, 0, 0, tok.eos_token_id]
+        assert res["truncated"] is False
+        expected_lps = [-math.log(63)] * 3 + [10 - math.log(z)]
+        for got, exp in zip(res["log_probs"], expected_lps):
+            assert got == pytest.approx(exp, abs=1e-4)
+        assert math.isfinite(res["entropy"]), "entropy with EOS masked must stay finite"
+        assert res["entropy"] == pytest.approx((3 * math.log(63) + h_last) / 4, abs=1e-4)
 
 
 @pytest.mark.slow

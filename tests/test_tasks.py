@@ -275,9 +275,10 @@ GOOD_SFT = {"prompt": "p", "response": "r"}
         ("sft", {"prompt": "p"}, ["response"]),  # missing key
         ("dpo", {"prompt": "p", "chosen": "c"}, ["rejected"]),
         ("qa", {"problem": "no answer here"}, ["answer"]),
+        ("qa", {"question": "gsm8k style, no answer"}, ["answer"]),
         ("qa", {"text": "neither style"}, ["question"]),
     ],
-    ids=["bad-json", "list", "string", "sft-missing", "dpo-missing", "math-missing", "qa-neither"],
+    ids=["bad-json", "list", "string", "sft-missing", "dpo-missing", "math-missing", "gsm8k-missing", "qa-neither"],
 )
 def test_read_jsonl_malformed_line(tmp_path, kind, bad_line, must_mention):
     good = {
