@@ -62,12 +62,17 @@ def get_response_log_probs(model, input_ids, labels, return_token_entropy=False,
     from transformers import DynamicCache
 
     B, K, cache = input_ids.shape[0], shared_prefix, DynamicCache()
-    head = model(input_ids[:1, :K], past_key_values=cache, use_cache=True).logits  # (1, K, V)
+    head = model(input_ids[:1, :K], past_key_values=cache, use_cache=True).logits[0].float()  # (K, V)
     cache.batch_repeat_interleave(B)  # differentiable copy: gradients flow back into the prefix
     tail = model(input_ids[:, K:], past_key_values=cache, use_cache=True).logits  # (B, T-K, V)
-    parts = [_log_probs_from_logits(head.expand(B, -1, -1), labels[:, :K], return_token_entropy),
-             _log_probs_from_logits(tail, labels[:, K:], return_token_entropy)]
-    return {key: torch.cat([p[key] for p in parts], 1) for key in parts[0]}
+    # the prefix positions' distributions are the same in every row: normalize them once
+    head_log_probs = head[torch.arange(K), labels[:, :K]] - torch.logsumexp(head, dim=-1)  # (B, K)
+    out = _log_probs_from_logits(tail, labels[:, K:], return_token_entropy)
+    out["log_probs"] = torch.cat([head_log_probs, out["log_probs"]], 1)
+    if return_token_entropy:
+        with torch.no_grad():
+            out["token_entropy"] = torch.cat([compute_entropy(head).expand(B, K), out["token_entropy"]], 1)
+    return out
 
 
 def _log_probs_from_logits(logits, labels, return_token_entropy):
@@ -156,6 +161,25 @@ def compute_grpo_clip_loss(advantages, policy_log_probs, old_log_probs, cliprang
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1 - cliprange, 1 + high) * advantages
     return -torch.minimum(unclipped, clipped), {"clipped": (clipped < unclipped).detach(), "ratio": ratio.detach()}
+
+
+def compute_gspo_loss(advantages, policy_log_probs, old_log_probs, response_mask, cliprange, cliprange_high=None):
+    """GSPO: one importance ratio per sequence, s = exp(mean_t(logp - old)), clipped like
+    PPO. A (B, 1), log_probs (B, T) -> per-token loss (B, T) (the sequence loss on every
+    token, so a per-sequence mean recovers it), metadata."""
+    high = cliprange if cliprange_high is None else cliprange_high
+    log_ratio = masked_mean(policy_log_probs - old_log_probs, response_mask, dim=-1).unsqueeze(-1)  # (B, 1)
+    ratio = torch.exp(log_ratio)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - cliprange, 1 + high) * advantages
+    loss = -torch.minimum(unclipped, clipped).expand_as(policy_log_probs)
+    return loss, {"clipped": (clipped < unclipped).expand_as(policy_log_probs).detach(), "ratio": ratio.detach()}
+
+
+def kl_k3(policy_log_probs, ref_log_probs):
+    """Per-token KL(pi || ref) estimate (Schulman's k3): exp(ref - logp) - (ref - logp) - 1 >= 0."""
+    delta = ref_log_probs - policy_log_probs
+    return torch.exp(delta) - delta - 1
 
 
 RATIO_LOSSES = ("grpo_clip", "dr_grpo", "dapo", "bnpo", "gspo")  # need old log-probs
@@ -519,28 +543,6 @@ def evaluate(model, tokenizer, examples, reward_fn, max_new_tokens, temperature=
     return rows, tasks.summarize_rewards(rows)
 
 
-# ----------------------------------------------------------------------------- beyond the course (grpo.py)
-
-
-def compute_gspo_loss(advantages, policy_log_probs, old_log_probs, response_mask, cliprange, cliprange_high=None):
-    """GSPO: one importance ratio per sequence, s = exp(mean_t(logp - old)), clipped like
-    PPO. A (B, 1), log_probs (B, T) -> per-token loss (B, T) (the sequence loss on every
-    token, so a per-sequence mean recovers it), metadata."""
-    high = cliprange if cliprange_high is None else cliprange_high
-    log_ratio = masked_mean(policy_log_probs - old_log_probs, response_mask, dim=-1).unsqueeze(-1)  # (B, 1)
-    ratio = torch.exp(log_ratio)
-    unclipped = ratio * advantages
-    clipped = torch.clamp(ratio, 1 - cliprange, 1 + high) * advantages
-    loss = -torch.minimum(unclipped, clipped).expand_as(policy_log_probs)
-    return loss, {"clipped": (clipped < unclipped).expand_as(policy_log_probs).detach(), "ratio": ratio.detach()}
-
-
-def kl_k3(policy_log_probs, ref_log_probs):
-    """Per-token KL(pi || ref) estimate (Schulman's k3): exp(ref - logp) - (ref - logp) - 1 >= 0."""
-    delta = ref_log_probs - policy_log_probs
-    return torch.exp(delta) - delta - 1
-
-
 # ----------------------------------------------------------------------------- training state
 
 
@@ -614,7 +616,7 @@ def save_pretrained(model, tokenizer, path):
             json.dump(config, f, indent=2)
 
 
-def save_checkpoint(out_dir, step, model, tokenizer, state):
+def save_checkpoint(out_dir, step, model, tokenizer, optimizer, scheduler, cursor):
     """<out_dir>/checkpoints/step_N: HF weights + train_state.pt (optimizer, scheduler, RNG,
     data cursor, step, and for LoRA the adapter weights). Written to a temp dir, then
     renamed, so a crash mid-save never leaves a half checkpoint behind."""
@@ -628,7 +630,9 @@ def save_checkpoint(out_dir, step, model, tokenizer, state):
     tmp = tempfile.mkdtemp(dir=root, prefix=".tmp-")
     save_pretrained(model, tokenizer, tmp)
     trainable = {k: v for k, v in model.state_dict().items() if "lora_" in k} if hasattr(model, "peft_config") else None
-    torch.save({**state, "step": step, "rng": rng_state(), "adapter": trainable}, os.path.join(tmp, "train_state.pt"))
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "cursor": cursor, "step": step,
+             "rng": rng_state(), "adapter": trainable}
+    torch.save(state, os.path.join(tmp, "train_state.pt"))
     if os.path.exists(final):
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -705,4 +709,17 @@ def evaluate_and_log(model, tokenizer, examples, args, step, log):
                              batch_size=args.eval_batch_size, desc=f"eval@{step}")
     tasks.write_jsonl(os.path.join(args.out_dir, "eval_samples.jsonl"), [{"step": step, **r} for r in rows[:16]], "a")
     log({"step": step, "eval_accuracy": summary["accuracy"], "eval_format_rate": summary["format_rate"]})
+    return summary
+
+
+def finish(args, model, tokenizer, summary, title):
+    """Save <out_dir>/final (HF format) and, when the run evaluated, print and save its summary."""
+    import json
+
+    save_pretrained(model, tokenizer, os.path.join(args.out_dir, "final"))
+    if summary is None:  # resumed an already finished run
+        return None
+    tasks.print_summary(summary, title)
+    with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
     return summary

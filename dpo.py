@@ -12,7 +12,6 @@ with log-probs summed over the response tokens (the prompt's terms cancel).
 """
 
 import argparse
-import json
 import os
 import time
 
@@ -28,28 +27,12 @@ def parse_args(argv=None):
     g = p.add_argument_group("dpo")
     g.add_argument("--n-steps", type=int, default=20)
     g.add_argument("--beta", type=float, default=0.1)
-    g.add_argument("--lr", type=float, default=1e-6)
-    g.add_argument("--batch-size", type=int, default=16, help="pairs per optimizer step (at most, on-the-fly)")
-    g.add_argument("--grad-accum", type=int, default=2)
-    g.add_argument("--warmup-steps", type=int, default=0)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
     g.add_argument("--group-size", type=int, default=8, help="samples per question when building pairs")
-    g.add_argument("--min-new-tokens", type=int, default=4)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--lora-rank", type=int, default=0, help="0 = full fine-tuning")
-    g.add_argument("--n-train", type=int, default=5000)
-    g.add_argument("--eval-every", type=int, default=0, help="0 = only at the end")
-    g.add_argument("--save-every", type=int, default=0, help="0 = only the final model")
-    g.add_argument("--resume", action="store_true")
-    g.add_argument("--wandb", action="store_true")
-    p.set_defaults(max_new_tokens=64)
+    tasks.add_training_args(p, sampling=True, lr=1e-6, batch_size=16, grad_accum=2, n_train=5000, eval_every=0,
+                            save_every=0, max_new_tokens=64)
     args = p.parse_args(argv)
     args.out_dir = args.out_dir or os.path.join("runs", "dpo")
-    if args.batch_size % args.grad_accum:
-        p.error(f"--batch-size ({args.batch_size}) must be a multiple of --grad-accum ({args.grad_accum})")
+    tasks.check_batch_args(p, args)
     return args
 
 
@@ -137,15 +120,8 @@ def main(args):
             summary = common.evaluate_and_log(model, tokenizer, eval_examples, args, step + 1, log)
             bar.write(f"step {step + 1}: held-out accuracy {summary['accuracy']:.1%} format {summary['format_rate']:.1%}")
         if not last and args.save_every and (step + 1) % args.save_every == 0:
-            common.save_checkpoint(args.out_dir, step + 1, model, tokenizer, {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "cursor": cursor})
-    common.save_pretrained(model, tokenizer, os.path.join(args.out_dir, "final"))
-    if summary is None:
-        return None
-    tasks.print_summary(summary, f"held-out after {args.n_steps} DPO steps")
-    with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    return summary
+            common.save_checkpoint(args.out_dir, step + 1, model, tokenizer, optimizer, scheduler, cursor)
+    return common.finish(args, model, tokenizer, summary, f"held-out after {args.n_steps} DPO steps")
 
 
 if __name__ == "__main__":

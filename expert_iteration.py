@@ -27,27 +27,11 @@ def parse_args(argv=None):
     g.add_argument("--questions-per-step", type=int, default=64)
     g.add_argument("--group-size", type=int, default=4, help="answers sampled per question")
     g.add_argument("--sft-epochs", type=int, default=1, help="passes over the kept answers per EI step")
-    g.add_argument("--lr", type=float, default=2e-5)
-    g.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step")
-    g.add_argument("--grad-accum", type=int, default=2)
-    g.add_argument("--warmup-steps", type=int, default=0)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
-    g.add_argument("--min-new-tokens", type=int, default=4)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--lora-rank", type=int, default=0, help="0 = full fine-tuning")
-    g.add_argument("--n-train", type=int, default=5000)
-    g.add_argument("--eval-every", type=int, default=1, help="EI steps between evaluations (0 = only at the end)")
-    g.add_argument("--save-every", type=int, default=0, help="EI steps between checkpoints (0 = only the final model)")
-    g.add_argument("--resume", action="store_true")
-    g.add_argument("--wandb", action="store_true")
-    p.set_defaults(max_new_tokens=64)
+    tasks.add_training_args(p, sampling=True, lr=2e-5, batch_size=16, grad_accum=2, n_train=5000, eval_every=1,
+                            save_every=0, max_new_tokens=64)
     args = p.parse_args(argv)
     args.out_dir = args.out_dir or os.path.join("runs", "expert_iteration")
-    if args.batch_size % args.grad_accum:
-        p.error(f"--batch-size ({args.batch_size}) must be a multiple of --grad-accum ({args.grad_accum})")
+    tasks.check_batch_args(p, args)
     return args
 
 
@@ -109,15 +93,8 @@ def main(args):
         log(row)
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
         if not last and args.save_every and (ei_step + 1) % args.save_every == 0:
-            common.save_checkpoint(args.out_dir, ei_step + 1, model, tokenizer, {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "cursor": cursor})
-    common.save_pretrained(model, tokenizer, os.path.join(args.out_dir, "final"))
-    if summary is None:
-        return None
-    tasks.print_summary(summary, f"held-out after {args.n_ei_steps} expert-iteration steps")
-    with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    return summary
+            common.save_checkpoint(args.out_dir, ei_step + 1, model, tokenizer, optimizer, scheduler, cursor)
+    return common.finish(args, model, tokenizer, summary, f"held-out after {args.n_ei_steps} expert-iteration steps")
 
 
 if __name__ == "__main__":

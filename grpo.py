@@ -17,7 +17,6 @@ run first makes a short SFT warm start with sft.py on the task's own traces (cac
 """
 
 import argparse
-import json
 import os
 import time
 
@@ -32,15 +31,9 @@ def parse_args(argv=None):
     p = tasks.add_shared_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     g = p.add_argument_group("grpo")
     g.add_argument("--n-steps", type=int, default=60)
-    g.add_argument("--lr", type=float, default=2e-5)
     g.add_argument("--rollout-batch-size", type=int, default=64, help="completions sampled per step")
     g.add_argument("--group-size", type=int, default=8)
-    g.add_argument("--batch-size", type=int, default=None, help="completions per optimizer step (default: all)")
-    g.add_argument("--grad-accum", type=int, default=4, help="microbatches per optimizer step")
     g.add_argument("--epochs-per-rollout", type=int, default=1)
-    g.add_argument("--warmup-steps", type=int, default=0)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
     g.add_argument("--loss-type", default="grpo_clip",
                    choices=["no_baseline", "reinforce_with_baseline", "grpo_clip", "dr_grpo", "dapo", "bnpo", "gspo"])
     g.add_argument("--cliprange", type=float, default=0.2)
@@ -50,18 +43,9 @@ def parse_args(argv=None):
                    help="divide advantages by the group or batch std (default: group; none for dr_grpo)")
     g.add_argument("--advantage-eps", type=float, default=1e-6)
     g.add_argument("--mask-truncated", action="store_true", help="no loss on completions cut at max-new-tokens")
-    g.add_argument("--min-new-tokens", type=int, default=4)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--lora-rank", type=int, default=0, help="0 = full fine-tuning")
-    g.add_argument("--n-train", type=int, default=20_000, help="training questions drawn from the task")
-    g.add_argument("--eval-every", type=int, default=20, help="0 = only at the start and the end")
-    g.add_argument("--save-every", type=int, default=20, help="0 = only the final model")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its latest checkpoint")
     g.add_argument("--warmstart-steps", type=int, default=25, help="sft.py steps on task traces before GRPO (0: off)")
-    g.add_argument("--wandb", action="store_true")
-    p.set_defaults(max_new_tokens=64)
+    tasks.add_training_args(p, sampling=True, lr=1e-5, batch_size=None, grad_accum=4, n_train=20_000, eval_every=20,
+                            save_every=20, max_new_tokens=64)
     args = p.parse_args(argv)
     args.out_dir = args.out_dir or os.path.join("runs", "grpo")
     args.batch_size = args.batch_size or args.rollout_batch_size
@@ -82,7 +66,8 @@ def warm_start(args):
     if not os.path.exists(os.path.join(path, "final", "config.json")):
         sft.main(sft.parse_args(["--model", args.model, "--task", args.task, "--out-dir", path, "--seed", str(args.seed),
                                  "--n-steps", str(args.warmstart_steps), "--device", args.device, "--dtype", args.dtype,
-                                 "--n-eval", str(args.n_eval), "--eval-every", "0", "--save-every", "0"]
+                                 "--n-eval", str(args.n_eval), "--max-new-tokens", str(args.max_new_tokens),
+                                 "--eval-every", "0", "--save-every", "0"]
                                 + (["--cache-dir", args.cache_dir] if args.cache_dir else [])))
     return os.path.join(path, "final")
 
@@ -109,9 +94,10 @@ def main(args):
     needs_ratio = args.loss_type in common.RATIO_LOSSES
     off_policy = optimizer_steps_per_rollout * args.epochs_per_rollout > 1
     micro = args.batch_size // args.grad_accum
+    summary = None
     if start_step == 0:
         summary = common.evaluate_and_log(model, tokenizer, eval_examples, args, 0, log)
-        tasks.print_summary(summary, f"held-out before GRPO (step 0)")
+        tasks.print_summary(summary, "held-out before GRPO (step 0)")
     bar = tqdm(range(start_step, args.n_steps), desc="grpo", initial=start_step, total=args.n_steps)
     for step in bar:
         t0 = time.perf_counter()
@@ -206,15 +192,8 @@ def main(args):
             summary = common.evaluate_and_log(model, tokenizer, eval_examples, args, step + 1, log)
             bar.write(f"step {step + 1}: held-out accuracy {summary['accuracy']:.1%} format {summary['format_rate']:.1%}")
         if not last and args.save_every and (step + 1) % args.save_every == 0:
-            common.save_checkpoint(args.out_dir, step + 1, model, tokenizer, {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "cursor": cursor})
-    common.save_pretrained(model, tokenizer, os.path.join(args.out_dir, "final"))
-    if start_step == args.n_steps:
-        return None
-    tasks.print_summary(summary, f"held-out after {args.n_steps} GRPO steps")
-    with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    return summary
+            common.save_checkpoint(args.out_dir, step + 1, model, tokenizer, optimizer, scheduler, cursor)
+    return common.finish(args, model, tokenizer, summary, f"held-out after {args.n_steps} GRPO steps")
 
 
 if __name__ == "__main__":

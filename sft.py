@@ -28,25 +28,13 @@ def parse_args(argv=None):
     p = tasks.add_shared_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     g = p.add_argument_group("sft")
     g.add_argument("--n-steps", type=int, default=60, help="optimizer steps")
-    g.add_argument("--lr", type=float, default=5e-5)
-    g.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step")
-    g.add_argument("--grad-accum", type=int, default=2, help="microbatches per optimizer step")
-    g.add_argument("--warmup-steps", type=int, default=5)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
-    g.add_argument("--lora-rank", type=int, default=0, help="0 = full fine-tuning")
     g.add_argument("--packed", action="store_true", help="packed Alpaca documents instead of completion-only")
     g.add_argument("--seq-length", type=int, default=512, help="chunk length with --packed")
-    g.add_argument("--n-train", type=int, default=5000, help="training examples drawn from the task")
-    g.add_argument("--eval-every", type=int, default=0, help="0 = only at the end")
-    g.add_argument("--save-every", type=int, default=0, help="0 = only the final model")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its latest checkpoint")
-    g.add_argument("--wandb", action="store_true")
-    p.set_defaults(task="gsm_symbolic", max_new_tokens=256)
+    tasks.add_training_args(p, sampling=False, lr=5e-5, batch_size=16, grad_accum=2, warmup_steps=5, n_train=5000,
+                            eval_every=0, save_every=0, task="gsm_symbolic", max_new_tokens=256)
     args = p.parse_args(argv)
     args.out_dir = args.out_dir or os.path.join("runs", "sft")
-    if args.batch_size % args.grad_accum:
-        p.error(f"--batch-size ({args.batch_size}) must be a multiple of --grad-accum ({args.grad_accum})")
+    tasks.check_batch_args(p, args)
     return args
 
 
@@ -82,7 +70,7 @@ def main(args):
     log = tasks.MetricsLog(args.out_dir, args.wandb, vars(args))
     device = next(model.parameters()).device
 
-    micro = args.batch_size // args.grad_accum
+    micro, summary = args.batch_size // args.grad_accum, None
     model.train()
     bar = tqdm(range(start_step, args.n_steps), desc="sft", initial=start_step, total=args.n_steps)
     for step in bar:
@@ -111,15 +99,8 @@ def main(args):
             summary = common.evaluate_and_log(model, tokenizer, eval_examples, args, step + 1, log)
             bar.write(f"step {step + 1}: held-out accuracy {summary['accuracy']:.1%} format {summary['format_rate']:.1%}")
         if not last and args.save_every and (step + 1) % args.save_every == 0:
-            common.save_checkpoint(args.out_dir, step + 1, model, tokenizer, {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "cursor": cursor})
-    common.save_pretrained(model, tokenizer, os.path.join(args.out_dir, "final"))
-    if start_step == args.n_steps:
-        return None
-    tasks.print_summary(summary, f"held-out after {args.n_steps} SFT steps")
-    with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    return summary
+            common.save_checkpoint(args.out_dir, step + 1, model, tokenizer, optimizer, scheduler, cursor)
+    return common.finish(args, model, tokenizer, summary, f"held-out after {args.n_steps} SFT steps")
 
 
 if __name__ == "__main__":

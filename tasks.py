@@ -404,6 +404,37 @@ def add_shared_args(parser):
     return parser
 
 
+def add_training_args(parser, sampling, **defaults):
+    """The knobs every training script has, same names everywhere; each script passes its
+    own defaults (lr, batch_size, grad_accum, n_train, eval_every, save_every, ...)."""
+    g = parser.add_argument_group("training")
+    g.add_argument("--lr", type=float)
+    g.add_argument("--batch-size", type=int, help="examples per optimizer step")
+    g.add_argument("--grad-accum", type=int, help="microbatches per optimizer step")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup, then cosine decay to 10%%")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--lora-rank", type=int, default=0, help="0 = full fine-tuning")
+    g.add_argument("--n-train", type=int, help="training examples drawn from the task")
+    g.add_argument("--eval-every", type=int, help="steps between held-out evaluations (0 = only at the end)")
+    g.add_argument("--save-every", type=int, help="steps between checkpoints (0 = only the final model)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its latest checkpoint")
+    g.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
+    if sampling:
+        g = parser.add_argument_group("sampling")
+        g.add_argument("--min-new-tokens", type=int, default=4)
+        g.add_argument("--top-k", type=int, default=0, help="0 = off")
+        g.add_argument("--min-p", type=float, default=0.0)
+        g.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.set_defaults(**defaults)
+    return parser
+
+
+def check_batch_args(parser, args):
+    if args.batch_size % args.grad_accum:
+        parser.error(f"--batch-size ({args.batch_size}) must be a multiple of --grad-accum ({args.grad_accum})")
+
+
 def print_summary(summary, title):
     n = max(summary["n"], 1)
     lines = [
