@@ -168,7 +168,8 @@ def compute_gspo_loss(advantages, policy_log_probs, old_log_probs, response_mask
     PPO. A (B, 1), log_probs (B, T) -> per-token loss (B, T) (the sequence loss on every
     token, so a per-sequence mean recovers it), metadata."""
     high = cliprange if cliprange_high is None else cliprange_high
-    log_ratio = masked_mean(policy_log_probs - old_log_probs, response_mask, dim=-1).unsqueeze(-1)  # (B, 1)
+    n_tokens = response_mask.sum(-1).clamp(min=1)  # an empty row gets ratio 1, not 0/0
+    log_ratio = masked_normalize(policy_log_probs - old_log_probs, response_mask, -1, n_tokens).unsqueeze(-1)  # (B, 1)
     ratio = torch.exp(log_ratio)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1 - cliprange, 1 + high) * advantages
@@ -238,7 +239,9 @@ def grpo_microbatch_train_step(
     if loss_type in TOKEN_SUM_LOSSES:
         loss = masked_normalize(per_token, response_mask, normalize_constant=loss_normalizer)
     else:
-        loss = masked_mean(per_token, response_mask, dim=-1).mean() / gradient_accumulation_steps
+        # a row with no response tokens (--mask-truncated) contributes 0, not 0/0
+        per_row = masked_normalize(per_token, response_mask, -1, response_mask.sum(-1).clamp(min=1))
+        loss = per_row.mean() / gradient_accumulation_steps
     loss.backward()
     return loss.detach(), metadata
 
@@ -435,16 +438,6 @@ def generate(
     return results
 
 
-def shared_prefix_length(sequences, keep_last=1):
-    """Length of the token prefix common to all sequences, leaving at least keep_last
-    tokens of each one outside it (a forward pass needs at least one new token per row)."""
-    shortest = min(len(s) for s in sequences) - keep_last
-    k = 0
-    while k < shortest and all(s[k] == sequences[0][k] for s in sequences):
-        k += 1
-    return k
-
-
 def _generate_batch(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, top_k, min_p,
                     repetition_penalty, min_new_tokens, stop, generator):
     from transformers import DynamicCache
@@ -456,7 +449,7 @@ def _generate_batch(model, tokenizer, prompt_ids, max_new_tokens, temperature, t
     stop_tail = max([len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in stop] + [1]) + 2
     # The prompts share a long prefix (the r1_zero instructions): run it once for the
     # batch and copy its KV cache to every row. Each row is then [prefix][pad][suffix].
-    K = shared_prefix_length(prompt_ids)
+    K = tasks.shared_prefix_length(prompt_ids)
     S = max(len(p) - K for p in prompt_ids)
     input_ids = torch.full((B, S), tokenizer.pad_token_id, dtype=torch.long, device=device)
     attention = torch.zeros((B, K + S), dtype=torch.long, device=device)
@@ -561,29 +554,8 @@ def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.95), warmup_steps=
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas,
                                   foreach=params[0].device.type != "cpu" or None)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: tasks.lr_factor(s, warmup_steps, total_steps))
     return optimizer, scheduler
-
-
-def lr_factor(step, warmup_steps, total_steps, final=0.1):
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return final + (1 - final) * 0.5 * (1 + np.cos(np.pi * progress))
-
-
-def take(examples, cursor, n, seed):
-    """Examples cursor .. cursor+n of an endless stream of seeded per-epoch shuffles.
-    A pure function of the cursor, so a resumed run sees exactly the same data."""
-    out = []
-    while len(out) < n:
-        epoch, offset = divmod(cursor, len(examples))
-        order = list(range(len(examples)))
-        random.Random(seed * 100_003 + epoch).shuffle(order)
-        take_now = min(n - len(out), len(examples) - offset)
-        out += [examples[i] for i in order[offset : offset + take_now]]
-        cursor += take_now
-    return out
 
 
 def rng_state():
@@ -639,14 +611,6 @@ def save_checkpoint(out_dir, step, model, tokenizer, optimizer, scheduler, curso
     return final
 
 
-def latest_checkpoint(out_dir):
-    import glob
-    import os
-
-    found = sorted(glob.glob(os.path.join(out_dir, "checkpoints", "step_*", "train_state.pt")))
-    return os.path.dirname(found[-1]) if found else None
-
-
 def load_train_state(path, model):
     """Restore what save_checkpoint wrote (weights must already be loaded for full
     fine-tuning; LoRA adapters are restored here). Returns the state dict."""
@@ -662,7 +626,7 @@ def load_policy(args, start_model=None):
     --resume finds one (full fine-tuning), else from start_model or args.model; LoRA-wrapped
     when --lora-rank > 0 (its adapters are restored by resume()). Returns model, tokenizer,
     checkpoint path or None."""
-    ckpt = latest_checkpoint(args.out_dir) if args.resume else None
+    ckpt = tasks.latest_checkpoint(args.out_dir) if args.resume else None
     device = pick_device(args.device)
     source = ckpt if ckpt and not args.lora_rank else (start_model or args.model)
     model, tokenizer = load_model(source, device, pick_dtype(args.dtype, device), args.cache_dir)
@@ -689,7 +653,7 @@ def completion_log_probs(model, tokenizer, prompts, responses, return_token_entr
     device = next(model.parameters()).device
     input_ids, labels, mask = (batch[k].to(device) for k in ("input_ids", "labels", "response_mask"))
     out = get_response_log_probs(model, input_ids, labels, return_token_entropy,
-                                 shared_prefix=shared_prefix_length(input_ids.tolist()))
+                                 shared_prefix=tasks.shared_prefix_length(input_ids.tolist()))
     return out, mask
 
 

@@ -91,10 +91,10 @@ def main(args):
     for step in bar:
         t0 = time.perf_counter()
         if file_pairs:
-            pairs = common.take(file_pairs, cursor, args.batch_size, args.seed)
+            pairs = tasks.take(file_pairs, cursor, args.batch_size, args.seed)
             cursor += len(pairs)
         else:  # one pair at most per question: sample batch_size questions
-            pairs = pairs_from_policy(model, tokenizer, common.take(train_examples, cursor, args.batch_size, args.seed),
+            pairs = pairs_from_policy(model, tokenizer, tasks.take(train_examples, cursor, args.batch_size, args.seed),
                                       args)
             cursor += args.batch_size
         stats = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0}

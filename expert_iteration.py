@@ -53,7 +53,7 @@ def main(args):
     for ei_step in range(start_step, args.n_ei_steps):
         t0 = time.perf_counter()
         # ---- sample and filter
-        questions = common.take(train_examples, cursor, args.questions_per_step, args.seed)
+        questions = tasks.take(train_examples, cursor, args.questions_per_step, args.seed)
         cursor += len(questions)
         prompts = [tasks.r1_zero_prompt(q["question"]) for q in questions for _ in range(args.group_size)]
         answers = [q["answer"] for q in questions for _ in range(args.group_size)]
@@ -68,7 +68,7 @@ def main(args):
         model.train()
         losses, n_updates = [], 0
         for epoch in range(args.sft_epochs):
-            order = common.take(kept, epoch * len(kept), len(kept), args.seed + ei_step) if kept else []
+            order = tasks.take(kept, epoch * len(kept), len(kept), args.seed + ei_step) if kept else []
             for first in tqdm(range(0, len(order), args.batch_size), desc=f"ei {ei_step + 1} sft", leave=False):
                 opt_batch = order[first : first + args.batch_size]
                 n_micro = -(-len(opt_batch) // micro)

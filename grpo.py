@@ -11,7 +11,7 @@ r1_zero format (0% on chain_sum), so strict rewards give GRPO no signal. By defa
 run first makes a short SFT warm start with sft.py on the task's own traces (cached in
 <out-dir>/warmstart; --warmstart-steps 0 turns it off) and then does GRPO on top.
 
-    uv run python grpo.py                                       # the default run, ~40 min on 2 CPU cores
+    uv run python grpo.py                                       # the default run, ~35 min on 2 CPU cores
     uv run python grpo.py --loss-type dapo --cliprange-high 0.28
     uv run python grpo.py --model runs/sft/final --warmstart-steps 0 --beta 0.04
 """
@@ -30,7 +30,7 @@ import tasks
 def parse_args(argv=None):
     p = tasks.add_shared_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     g = p.add_argument_group("grpo")
-    g.add_argument("--n-steps", type=int, default=60)
+    g.add_argument("--n-steps", type=int, default=40)
     g.add_argument("--rollout-batch-size", type=int, default=64, help="completions sampled per step")
     g.add_argument("--group-size", type=int, default=8)
     g.add_argument("--epochs-per-rollout", type=int, default=1)
@@ -102,7 +102,7 @@ def main(args):
     for step in bar:
         t0 = time.perf_counter()
         # ---- rollouts: group_size samples for each question
-        questions = common.take(train_examples, cursor, args.rollout_batch_size // args.group_size, args.seed)
+        questions = tasks.take(train_examples, cursor, args.rollout_batch_size // args.group_size, args.seed)
         cursor += len(questions)
         prompts = [tasks.r1_zero_prompt(q["question"]) for q in questions for _ in range(args.group_size)]
         answers = [q["answer"] for q in questions for _ in range(args.group_size)]
@@ -126,7 +126,7 @@ def main(args):
             batch["response_mask"][truncated] = False
         batch = {k: v.to(device) for k, v in batch.items()}
         advantages, raw_rewards = advantages.to(device)[:, None], raw_rewards.to(device)[:, None]  # (B, 1)
-        prefix = common.shared_prefix_length(batch["input_ids"].tolist())
+        prefix = tasks.shared_prefix_length(batch["input_ids"].tolist())
 
         def log_probs_of(m, rows, entropy=False):
             return common.get_response_log_probs(m, batch["input_ids"][rows], batch["labels"][rows], entropy,

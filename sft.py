@@ -38,15 +38,6 @@ def parse_args(argv=None):
     return args
 
 
-def training_pairs(args):
-    """(prompt, response) pairs: a JSONL of pairs, or r1_zero traces of a task / QA file."""
-    if args.train_data and "prompt" in json.loads(open(args.train_data).readline() or "{}"):
-        return [(r["prompt"], r["response"]) for r in tasks.read_jsonl(args.train_data, "sft")][: args.n_train]
-    examples = tasks.load_examples(args, "train", args.n_train)
-    return [(tasks.r1_zero_prompt(ex["question"]), tasks.r1_zero_trace(ex["reasoning"] or "", ex["answer"]))
-            for ex in examples]
-
-
 def packed_batches(args, tokenizer, pairs):
     """An endless stream of packed (input_ids, labels, mask) microbatches."""
     path = os.path.join(args.out_dir, "train_pairs.jsonl")
@@ -63,7 +54,7 @@ def main(args):
     model, tokenizer, ckpt = common.load_policy(args)
     optimizer, scheduler = common.make_optimizer(model, args.lr, args.weight_decay, (0.9, 0.95), args.warmup_steps,
                                                  args.n_steps)
-    pairs = training_pairs(args)
+    pairs = tasks.sft_pairs(args)
     eval_examples = tasks.load_examples(args, "eval", args.n_eval)
     start_step, cursor = common.resume(ckpt, model, optimizer, scheduler)
     packed = packed_batches(args, tokenizer, pairs) if args.packed else None
@@ -80,7 +71,7 @@ def main(args):
                 input_ids, labels, mask = (x.to(device) for x in next(packed))
                 log_probs = common.get_response_log_probs(model, input_ids, labels)["log_probs"]
             else:
-                chunk = common.take(pairs, cursor, micro, args.seed)
+                chunk = tasks.take(pairs, cursor, micro, args.seed)
                 cursor += micro
                 out, mask = common.completion_log_probs(model, tokenizer, [c[0] for c in chunk], [c[1] for c in chunk])
                 log_probs = out["log_probs"]

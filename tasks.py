@@ -9,6 +9,7 @@ import functools
 import json
 import math
 import os
+import random
 import re
 import shutil
 import sys
@@ -378,6 +379,59 @@ def get_reward_fn(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return getattr(module, fn)
+
+
+# ----------------------------------------------------------------------------- training loop helpers (both frameworks)
+
+
+def sft_pairs(args):
+    """(prompt, response) pairs: a JSONL of pairs, or r1_zero traces of a task / QA file."""
+    if args.train_data and "prompt" in json.loads(open(args.train_data).readline() or "{}"):
+        return [(r["prompt"], r["response"]) for r in read_jsonl(args.train_data, "sft")][: args.n_train]
+    examples = load_examples(args, "train", args.n_train)
+    return [(r1_zero_prompt(ex["question"]), r1_zero_trace(ex["reasoning"] or "", ex["answer"]))
+            for ex in examples]
+
+
+def take(examples, cursor, n, seed):
+    """Examples cursor .. cursor+n of an endless stream of seeded per-epoch shuffles.
+    A pure function of the cursor, so a resumed run sees exactly the same data."""
+    out = []
+    while len(out) < n:
+        epoch, offset = divmod(cursor, len(examples))
+        order = list(range(len(examples)))
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+        take_now = min(n - len(out), len(examples) - offset)
+        out += [examples[i] for i in order[offset : offset + take_now]]
+        cursor += take_now
+    return out
+
+
+def shared_prefix_length(sequences, keep_last=1):
+    """Length of the token prefix common to all sequences, leaving at least keep_last
+    tokens of each one outside it (a forward pass needs at least one new token per row)."""
+    shortest = min(len(s) for s in sequences) - keep_last
+    k = 0
+    while k < shortest and all(s[k] == sequences[0][k] for s in sequences):
+        k += 1
+    return k
+
+
+def lr_factor(step, warmup_steps, total_steps, final=0.1):
+    """Learning-rate multiplier: linear warmup, then cosine decay to `final`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def latest_checkpoint(out_dir):
+    """<out_dir>/checkpoints/step_N with the largest N, or None (each one is complete: they
+    are written to a temp dir and renamed)."""
+    import glob
+
+    found = sorted(glob.glob(os.path.join(out_dir, "checkpoints", "step_*")))
+    return found[-1] if found else None
 
 
 # ----------------------------------------------------------------------------- flags and logging

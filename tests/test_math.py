@@ -852,3 +852,21 @@ def test_generate_greedy_with_real_tokenizer(smollm2_tokenizer):
     results = _check_greedy_matches(model, tok, prompts, 6, {tok.eos_token_id, 2})
     for res in results:
         assert res["response"] == tok.decode(res["response_ids"], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("loss_type", ["no_baseline", "reinforce_with_baseline", "grpo_clip", "gspo"])
+def test_a_fully_masked_row_adds_nothing_and_no_nan(loss_type):
+    """--mask-truncated can mask a whole response: that row contributes 0 to the loss and
+    its gradient, and the other rows' loss is what it would be without it."""
+    torch.manual_seed(0)
+    log_probs = torch.randn(2, 3, requires_grad=True)
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    kwargs = dict(raw_rewards=torch.tensor([[1.0], [2.0]]), advantages=torch.tensor([[0.5], [-1.0]]),
+                  old_log_probs=log_probs.detach() - 0.1, cliprange=0.2)
+    loss, _ = common.grpo_microbatch_train_step(log_probs, mask, 1, loss_type, **kwargs)
+    assert torch.isfinite(loss) and torch.isfinite(log_probs.grad).all()
+    assert (log_probs.grad[1] == 0).all()
+    alone = log_probs.detach()[:1].clone().requires_grad_(True)
+    single = {k: v[:1] for k, v in kwargs.items() if torch.is_tensor(v)}
+    loss_alone, _ = common.grpo_microbatch_train_step(alone, mask[:1], 1, loss_type, cliprange=0.2, **single)
+    assert loss.item() == pytest.approx(loss_alone.item() / 2)  # mean over 2 rows, one of them empty
