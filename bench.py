@@ -6,6 +6,7 @@ framework, its threads) never leaks into another.
     python bench.py                          # every section
     python bench.py --only blas              # MLX matmul: bundled reference BLAS vs load_fast_blas()
     python bench.py --only blas --sizes 256 1024 --repeats 50
+    python bench.py --only rollouts          # MLX sampler (common_mlx.generate) vs mlx_lm.batch_generate
 """
 
 import argparse
@@ -24,6 +25,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 sizes = [1024]  # blas: square fp32 matmul sizes
 warmup = 3
 repeats = 20  # timings are the median of this many runs
+n_prompts = 8  # rollouts: r1_zero chain_sum prompts, each sampled to exactly max_new_tokens
+max_new_tokens = 64
 
 
 def parse_args(argv=None):
@@ -35,6 +38,9 @@ def parse_args(argv=None):
     g.add_argument("--repeats", type=int, default=repeats)
     g = p.add_argument_group("blas")
     g.add_argument("--sizes", type=int, nargs="+", default=sizes)
+    g = p.add_argument_group("rollouts")
+    g.add_argument("--n-prompts", type=int, default=n_prompts)
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     return p.parse_args(argv)
 
 
@@ -107,7 +113,57 @@ def bench_blas(args):
     print(f"fast library: {results[1]['lib']}")
 
 
-SECTIONS = {"blas": bench_blas}
+# ----------------------------------------------------------------------------- rollouts
+
+
+def mlx_rollout_tokens_per_s(n_prompts, max_new_tokens, repeats, cache=None):
+    """Child process: generated tokens/s of our MLX sampler and of mlx_lm.batch_generate on
+    the same prompts and model, both at temperature 1 with EOS banned (equal work)."""
+    import common_mlx
+    import mlx.core as mx
+    import mlx_lm
+    from mlx_lm.sample_utils import make_sampler
+
+    model, tokenizer = common_mlx.load_model(tasks.DEFAULT_MODEL, common_mlx.pick_device("cpu"), mx.float32, cache)
+    prompts = [tasks.r1_zero_prompt(ex["question"]) for ex in tasks.task_split("chain_sum", "eval", n_prompts)]
+    prompt_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    eos = list(tokenizer.eos_token_ids)
+
+    def ban_eos(tokens, logits):
+        logits[:, eos] = -float("inf")
+        return logits
+
+    def ours():
+        out = common_mlx.generate(model, tokenizer, prompts, max_new_tokens, min_new_tokens=max_new_tokens)
+        return sum(len(o["response_ids"]) for o in out)
+
+    def theirs():
+        out = mlx_lm.batch_generate(model, tokenizer, prompt_ids, max_tokens=max_new_tokens, return_token_ids=True,
+                                    sampler=make_sampler(temp=1.0), logits_processors=[ban_eos])
+        return sum(len(ids) for ids in out.token_ids)
+
+    result = {}
+    for name, fn in (("ours", ours), ("mlx_lm", theirs)):
+        fn()  # warm-up
+        rates = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            n = fn()
+            rates.append(n / (time.perf_counter() - t0))
+        result[name] = statistics.median(rates)
+    print(json.dumps(result))
+
+
+def bench_rollouts(args):
+    repeats = max(1, min(args.repeats, 3))
+    r = run_child(f"mlx_rollout_tokens_per_s({args.n_prompts}, {args.max_new_tokens}, {repeats}, {args.cache_dir!r})")
+    rows = [["common_mlx.generate", f"{r['ours']:.0f}", f"{r['ours'] / r['mlx_lm']:.2f}x"],
+            ["mlx_lm.batch_generate", f"{r['mlx_lm']:.0f}", "1.00x"]]
+    print_table(f"rollouts: SmolLM2-135M fp32, {args.n_prompts} prompts x {args.max_new_tokens} new tokens, "
+                f"median of {repeats}", ["MLX sampler", "tokens/s", "vs mlx_lm"], rows)
+
+
+SECTIONS = {"blas": bench_blas, "rollouts": bench_rollouts}
 
 
 def main(args):

@@ -1,4 +1,5 @@
 import os
+import string
 import sys
 
 import pytest
@@ -42,4 +43,25 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
     path = tmp_path_factory.mktemp("tiny-model")
     tiny_llama(vocab_size=len(smollm2_tokenizer)).save_pretrained(path)
     smollm2_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def char_model_dir(tmp_path_factory):
+    """A tiny random Llama with a character-level tokenizer (~100 tokens): fast, and a
+    single character is a single action, so a reward on one character is learnable."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for ch in string.printable:
+        vocab.setdefault(ch, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="</s>",
+                                        unk_token="<unk>")
+    path = tmp_path_factory.mktemp("char-model")
+    tiny_llama(vocab_size=len(vocab), max_position_embeddings=1024, pad_token_id=2).save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return str(path)

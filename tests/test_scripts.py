@@ -1,44 +1,22 @@
 """End to end: every script runs on a tiny random model through main(parse_args([...])),
-writes metrics and a loadable checkpoint; GRPO learns a synthetic reward with every loss
-type; SFT drives the loss down; a resumed run equals an uninterrupted one."""
+writes metrics and a loadable checkpoint; GRPO (torch and MLX) learns a synthetic reward
+with every loss type; SFT drives the loss down; a resumed run equals an uninterrupted one."""
 
 import json
 import os
-import string
 
 import pytest
 import torch
-from conftest import tiny_llama
 
 import baseline
 import dpo
 import expert_iteration
 import grpo
+import grpo_mlx
 import sft
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEVENS = os.path.join(HERE, "synthetic_reward.py") + ":sevens"
-
-
-@pytest.fixture(scope="module")
-def char_model_dir(tmp_path_factory):
-    """A tiny random Llama with a character-level tokenizer (~100 tokens): fast, and a
-    single character is a single action, so a reward on one character is learnable."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for ch in string.printable:
-        vocab.setdefault(ch, len(vocab))
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="</s>",
-                                        unk_token="<unk>")
-    path = tmp_path_factory.mktemp("char-model")
-    tiny_llama(vocab_size=len(vocab), max_position_embeddings=1024, pad_token_id=2).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def rows(path):
@@ -85,14 +63,15 @@ def test_baseline_writes_generations_and_summary(char_model_dir, tmp_path):
     assert summary["format_and_answer"] + summary["format_only"] + summary["no_format"] == 4
 
 
+@pytest.mark.parametrize("script", [grpo, grpo_mlx])
 @pytest.mark.parametrize("loss_type", ["no_baseline", "reinforce_with_baseline", "grpo_clip", "dr_grpo", "dapo",
                                        "bnpo", "gspo"])
-def test_grpo_learns_a_synthetic_reward(char_model_dir, tmp_path, loss_type):
-    args = grpo.parse_args(common_flags(char_model_dir, tmp_path) + [
-        "--reward", SEVENS, "--loss-type", loss_type, "--n-steps", "30", "--rollout-batch-size", "32",
+def test_grpo_learns_a_synthetic_reward(char_model_dir, tmp_path, script, loss_type):
+    args = script.parse_args(common_flags(char_model_dir, tmp_path) + [
+        "--reward", SEVENS, "--loss-type", loss_type, "--n-steps", "40", "--rollout-batch-size", "32",
         "--group-size", "8", "--grad-accum", "1", "--lr", "3e-3", "--warmstart-steps", "0", "--eval-every", "0",
         "--save-every", "0", "--min-new-tokens", "8", "--epochs-per-rollout", "2"])
-    grpo.main(args)
+    script.main(args)
     rewards = [r["reward"] for r in rows(tmp_path / "metrics.jsonl") if "reward" in r]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 0.2, (loss_type, rewards)
