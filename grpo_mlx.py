@@ -1,9 +1,9 @@
 """GRPO on a reasoning-gym task (default: 2-term chain_sum) with the strict r1_zero reward, in MLX.
 
 The twin of grpo.py: same flags, defaults, metric names, logs and checkpoint layout, same
-loop; only the framework lines differ (nn.value_and_grad instead of .backward(), one
-mx.eval per microbatch and per optimizer step). Checkpoints are plain HF directories, so
-a torch run continues here and the other way round.
+loop; only the framework lines differ (nn.value_and_grad instead of .backward(); one
+mx.eval per optimizer step, plus one per extra microbatch to bound memory). Checkpoints
+are plain HF directories, so a torch run continues here and the other way round.
 
 Each step: sample --group-size answers for each of --rollout-batch-size / --group-size
 questions, grade them, turn rewards into group-relative advantages, then take
@@ -166,7 +166,7 @@ def main(args):
             order = mx.random.permutation(args.rollout_batch_size) if epoch or optimizer_steps_per_rollout > 1 \
                 else mx.arange(args.rollout_batch_size)
             for first in range(0, args.rollout_batch_size, args.batch_size):
-                opt_rows, grads = order[first : first + args.batch_size], None
+                opt_rows, grads, micro_stats = order[first : first + args.batch_size], None, []
                 n_tokens = max(batch["response_mask"][opt_rows].sum().item(), 1)
                 for m0 in range(0, args.batch_size, micro):
                     rows = opt_rows[m0 : m0 + micro]
@@ -177,15 +177,17 @@ def main(args):
                         old_log_probs[rows] if old_log_probs is not None else None,
                         ref_log_probs[rows] if ref_model else None, normalizer, prefix)
                     grads = g if grads is None else tree_map(mx.add, grads, g)
-                    mx.eval(loss, entropy, meta, grads)  # one microbatch's graph at a time
+                    if m0 + micro < args.batch_size:  # bound memory to one microbatch's graph
+                        mx.eval(grads)
+                    micro_stats.append((loss, entropy, meta, batch["response_mask"][rows]))
+                stats["grad_norm"].append(common.optimizer_step(model, optimizer, grads, args.max_grad_norm))
+                for loss, entropy, meta, mask in micro_stats:  # .item() now adds only what the update skipped
                     stats["loss"] += loss.item()
                     stats["entropy"].append(entropy.item())
                     if "kl" in meta:
                         stats["kl"].append(meta["kl"].item())
                     if "clipped" in meta:
-                        mask = batch["response_mask"][rows]
                         stats["clip_frac"].append(common.masked_mean(meta["clipped"].astype(mx.float32), mask).item())
-                stats["grad_norm"].append(common.optimizer_step(model, optimizer, grads, args.max_grad_norm))
         t_train = time.perf_counter() - t1
 
         # ---- log, eval, checkpoint

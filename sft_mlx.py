@@ -66,8 +66,8 @@ def main(args):
     micro, summary = args.batch_size // args.grad_accum, None
     bar = tqdm(range(start_step, args.n_steps), desc="sft", initial=start_step, total=args.n_steps)
     for step in bar:
-        t0, total_loss, n_tokens, grads = time.perf_counter(), 0.0, 0, None
-        for _ in range(args.grad_accum):
+        t0, losses, n_tokens, grads = time.perf_counter(), [], 0, None
+        for i in range(args.grad_accum):
             if packed:
                 input_ids, labels, mask = next(packed)
             else:
@@ -80,10 +80,12 @@ def main(args):
             tokens_per_example = max(mask.sum().item(), 1) / len(mask)
             loss, g = loss_and_grad(model, input_ids, labels, mask, prefix, tokens_per_example)
             grads = g if grads is None else tree_map(mx.add, grads, g)
-            mx.eval(loss, grads)  # one microbatch's graph at a time: what gradient accumulation is for
-            total_loss += loss.item()
+            if i + 1 < args.grad_accum:  # bound memory to one microbatch's graph: what accumulation is for
+                mx.eval(grads)
+            losses.append(loss)
             n_tokens += mask.size
-        grad_norm = common.optimizer_step(model, optimizer, grads, args.max_grad_norm)
+        grad_norm = common.optimizer_step(model, optimizer, grads, args.max_grad_norm)  # evaluates the step
+        total_loss = sum(loss.item() for loss in losses)
         row = {"step": step + 1, "loss": total_loss, "grad_norm": grad_norm, "lr": scheduler(optimizer.step).item(),
                "train_tok_s": n_tokens / (time.perf_counter() - t0), "step_s": time.perf_counter() - t0}
         log(row)
