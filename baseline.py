@@ -8,25 +8,44 @@ grading, a three-category summary, and every generation written to <out-dir>/gen
     uv run python baseline.py --model runs/sft/final --eval-data my_test.jsonl
 """
 
-import argparse
 import json
 import os
+import time
 
 import torch
 
 import common
+import harness
+import rewards
 import tasks
 
 
+# ----------------------------------------------------------------------------- defaults
+# Edit a line for an ablation, or override it as a flag: --task gsm_symbolic --max-new-tokens 256.
+model = "smollm2-135m-instruct"  # local HF dir, hub id, or the embedded default
+task = "chain_sum"  # chain_sum, chain_sum_hard, basic_arithmetic, gsm_symbolic, or reasoning-gym name[:k=v,...]
+eval_data = ""  # JSONL of your own held-out questions; overrides --task
+reward = "r1_zero"  # r1_zero, exact, or path/to/file.py:function
+out_dir = "runs/baseline"  # run directory
+cache_dir = ""  # where the embedded model is converted (default $NANOALIGN_CACHE or ~/.cache/nanoalign)
+max_new_tokens = 128
+temperature = 0.0  # 0: greedy
+top_p = 1.0
+n_eval = 200  # held-out items
+eval_batch_size = 64
+seed = 0
+device = "auto"  # auto: cuda > mps > cpu
+dtype = "auto"  # auto: bf16 where the hardware runs it fast, else fp32
+DEFAULTS = harness.defaults_of(globals())
+
+
 def parse_args(argv=None):
-    p = tasks.add_shared_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
-    p.set_defaults(temperature=0.0)  # evaluation: greedy unless asked
-    return p.parse_args(argv)
+    return harness.parse_flags(DEFAULTS, argv, __doc__.split("\n")[0], __file__)[1]
 
 
 def main(args):
     common.set_seed(args.seed)
-    out_dir = args.out_dir or os.path.join("runs", "baseline")
+    out_dir = args.out_dir
     os.makedirs(out_dir, exist_ok=True)
     device = common.pick_device(args.device)
     dtype = common.pick_dtype(args.dtype, device)
@@ -34,18 +53,18 @@ def main(args):
     examples = tasks.load_examples(args, "eval", args.n_eval)
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
-    with tasks.Timer() as timer:
-        rows, summary = common.evaluate(
-            model, tokenizer, examples, tasks.get_reward_fn(args.reward), args.max_new_tokens, args.temperature,
-            args.top_p, args.eval_batch_size, generator, desc="baseline",
-        )
+    t0 = time.perf_counter()
+    sampling = harness.Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    rows, summary = common.evaluate(model, tokenizer, examples, rewards.get_reward_fn(args.reward), sampling,
+                                    batch_size=args.eval_batch_size, generator=generator, desc="baseline")
+    seconds = time.perf_counter() - t0
     summary.update(model=args.model, task=args.eval_data or args.task, dtype=str(dtype).removeprefix("torch."),
                    device=str(device), temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                   seconds=round(timer.seconds, 1))
-    tasks.write_jsonl(os.path.join(out_dir, "generations.jsonl"), rows)
+                   seconds=round(seconds, 1))
+    harness.write_jsonl(os.path.join(out_dir, "generations.jsonl"), rows)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    tasks.print_summary(summary, f"{args.model} on {summary['task']} ({timer.seconds:.0f} s, {dtype}, {device})")
+    harness.print_summary(summary, f"{args.model} on {summary['task']} ({seconds:.0f} s, {dtype}, {device})")
     return summary
 
 

@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 
+import harness
+import machine
 import tasks
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -65,7 +67,7 @@ def print_table(title, header, rows):
 
 def mlx_matmul_gflops(sizes, warmup, repeats, fast, cache=None):
     """Child process: fp32 MLX matmul GFLOP/s per size, with or without load_fast_blas()."""
-    lib = tasks.load_fast_blas(cache) if fast else None
+    lib = machine.load_fast_blas(cache) if fast else None
     import mlx.core as mx
 
     threads = None
@@ -124,7 +126,7 @@ def mlx_rollout_tokens_per_s(n_prompts, max_new_tokens, repeats, cache=None):
     import mlx_lm
     from mlx_lm.sample_utils import make_sampler
 
-    model, tokenizer = common_mlx.load_model(tasks.DEFAULT_MODEL, common_mlx.pick_device("cpu"), mx.float32, cache)
+    model, tokenizer = common_mlx.load_model(machine.DEFAULT_MODEL, common_mlx.pick_device("cpu"), mx.float32, cache)
     prompts = [tasks.r1_zero_prompt(ex["question"]) for ex in tasks.task_split("chain_sum", "eval", n_prompts)]
     prompt_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
     eos = list(tokenizer.eos_token_ids)
@@ -134,7 +136,8 @@ def mlx_rollout_tokens_per_s(n_prompts, max_new_tokens, repeats, cache=None):
         return logits
 
     def ours():
-        out = common_mlx.generate(model, tokenizer, prompts, max_new_tokens, min_new_tokens=max_new_tokens)
+        out = common_mlx.generate(model, tokenizer, prompts,
+                                  harness.Sampling(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens))
         return sum(len(o["response_ids"]) for o in out)
 
     def theirs():

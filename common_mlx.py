@@ -12,9 +12,12 @@ written as) plain HF directories, so torch and MLX checkpoints are interchangeab
 import os
 import random
 
+import harness
+import machine
+import rewards
 import tasks
 
-tasks.load_fast_blas()  # before mlx.core: MLX on Linux CPU otherwise uses the bundled reference BLAS
+machine.load_fast_blas()  # before mlx.core: MLX on Linux CPU otherwise uses the bundled reference BLAS
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -357,7 +360,7 @@ def load_model(model_name, device, dtype, cache=None):
     """(model, tokenizer) from a local HF dir, the embedded default or a hub id, with mlx_lm.load."""
     import mlx_lm
 
-    path = tasks.resolve_model(model_name, cache)
+    path = machine.resolve_model(model_name, cache)
     model, tokenizer = mlx_lm.load(path)
     model.set_dtype(dtype)
     model.source_dir = path  # its config.json is copied next to the weights we save
@@ -367,9 +370,11 @@ def load_model(model_name, device, dtype, cache=None):
 # ----------------------------------------------------------------------------- rollouts
 
 
-def sample_next_token(logits, generated, temperature, top_k, top_p, min_p, repetition_penalty, generator):
-    """One sampling step. logits (B, V) fp32, generated (B, t) ids seen so far.
-    Returns token (B,) and its log-prob under softmax(logits / temperature) (B,)."""
+def sample_next_token(logits, generated, sampling, generator=None):
+    """One sampling step. logits (B, V) fp32, generated (B, t) ids seen so far, sampling a
+    harness.Sampling. Returns token (B,) and its log-prob under softmax(logits / temperature) (B,)."""
+    temperature, top_k, top_p, min_p = sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p
+    repetition_penalty = sampling.repetition_penalty
     if repetition_penalty != 1.0 and generated.shape[1] > 0:
         seen = mx.take_along_axis(logits, generated, 1)
         logits = mx.put_along_axis(logits, generated, mx.where(seen > 0, seen / repetition_penalty,
@@ -396,22 +401,9 @@ def sample_next_token(logits, generated, temperature, top_k, top_p, min_p, repet
     return token, mx.take_along_axis(log_probs, token[:, None], 1)[:, 0]
 
 
-def generate(
-    model,
-    tokenizer,
-    prompts,
-    max_new_tokens,
-    temperature=1.0,
-    top_p=1.0,
-    top_k=0,
-    min_p=0.0,
-    repetition_penalty=1.0,
-    min_new_tokens=0,
-    stop=(tasks.STOP,),
-    batch_size=64,
-    generator=None,
-):
-    """Sample one completion per prompt with a KV cache, batch_size prompts at a time.
+def generate(model, tokenizer, prompts, sampling, batch_size=64, generator=None):
+    """Sample one completion per prompt with a KV cache, batch_size prompts at a time, as
+    `sampling` (a harness.Sampling) says.
     Each sequence stops at EOS, at a stop string (kept in the text) or at max_new_tokens.
     Returns dicts: prompt_ids, response_ids, response (text), log_probs (sampling
     log-probs, one per response token), truncated (hit max_new_tokens without stopping),
@@ -421,10 +413,7 @@ def generate(
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         prompt_ids = [tokenizer.encode(p, add_special_tokens=False) for p in chunk]
-        sampled = _generate_batch(
-            model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, top_k, min_p,
-            repetition_penalty, min_new_tokens, stop, generator,
-        )
+        sampled = _generate_batch(model, tokenizer, prompt_ids, sampling, generator)
         for p_ids, (ids, lps, truncated, entropy) in zip(prompt_ids, sampled):
             text = tokenizer.decode(ids, skip_special_tokens=True)
             results.append({"prompt_ids": p_ids, "response_ids": ids, "response": text, "log_probs": lps,
@@ -467,8 +456,9 @@ class _RolloutCache:
         self.valid, self.offset = self.valid[rows], self.offset[rows]
 
 
-def _generate_batch(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, top_k, min_p,
-                    repetition_penalty, min_new_tokens, stop, generator):
+def _generate_batch(model, tokenizer, prompt_ids, sampling, generator):
+    max_new_tokens, min_new_tokens, stop = sampling.max_new_tokens, sampling.min_new_tokens, sampling.stop
+    repetition_penalty = sampling.repetition_penalty
     from mlx_lm.models.cache import make_prompt_cache
 
     B = len(prompt_ids)
@@ -477,7 +467,7 @@ def _generate_batch(model, tokenizer, prompt_ids, max_new_tokens, temperature, t
     stop_tail = max([len(tokenizer.encode(s, add_special_tokens=False)) for s in stop] + [1]) + 2
     # The prompts share a long prefix (the r1_zero instructions): run it once and copy its
     # KV cache to every row. Each row is then [prefix][pad][suffix], the pad masked out.
-    K = tasks.shared_prefix_length(prompt_ids)
+    K = harness.shared_prefix_length(prompt_ids)
     S = max(len(p) - K for p in prompt_ids)
     pads = [S - (len(p) - K) for p in prompt_ids]
     suffix = mx.array([[tokenizer.pad_token_id] * pad + p[K:] for pad, p in zip(pads, prompt_ids)])  # (B, S)
@@ -501,8 +491,7 @@ def _generate_batch(model, tokenizer, prompt_ids, max_new_tokens, temperature, t
         if t < min_new_tokens:
             logits[:, eos] = -mx.inf
         entropy = compute_entropy(logits)  # (b,) of the model's next-token distribution
-        token, lp = sample_next_token(logits, history[mx.array(active)] if history.shape[1] else history,
-                                      temperature, top_k, top_p, min_p, repetition_penalty, generator)
+        token, lp = sample_next_token(logits, history[mx.array(active)] if history.shape[1] else history, sampling, generator)
         mx.eval(token, lp, entropy)
         token_np = np.array(token)
         step_tokens = np.full(B, tokenizer.pad_token_id)
@@ -543,9 +532,8 @@ def _last_logits(model, tokens, cache):
     return head(h)[:, -1].astype(mx.float32)
 
 
-def evaluate(model, tokenizer, examples, reward_fn, max_new_tokens, temperature=0.0, top_p=1.0, batch_size=64,
-             generator=None, desc="eval"):
-    """Generate one answer per example with the r1_zero prompt and grade it.
+def evaluate(model, tokenizer, examples, reward_fn, sampling, batch_size=64, generator=None, desc="eval"):
+    """Generate one answer per example with the r1_zero prompt (as `sampling` says) and grade it.
     Returns (rows, summary): one row per example and the three-category counts."""
     from tqdm import tqdm
 
@@ -554,15 +542,14 @@ def evaluate(model, tokenizer, examples, reward_fn, max_new_tokens, temperature=
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         prompts = [tasks.r1_zero_prompt(ex["question"]) for ex in chunk]
-        outs = generate(model, tokenizer, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
-                        batch_size=batch_size, generator=generator)
+        outs = generate(model, tokenizer, prompts, sampling, batch_size=batch_size, generator=generator)
         for ex, prompt, out in zip(chunk, prompts, outs):
             rows.append({"question": ex["question"], "answer": ex["answer"], "prompt": prompt,
                          "response": out["response"], "length": len(out["response_ids"]), "entropy": out["entropy"],
                          "truncated": out["truncated"], **reward_fn(out["response"], ex["answer"])})
         bar.update(len(chunk))
     bar.close()
-    return rows, tasks.summarize_rewards(rows)
+    return rows, rewards.summarize_rewards(rows)
 
 
 # ----------------------------------------------------------------------------- training state
@@ -586,7 +573,7 @@ def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.95), warmup_steps=
     import mlx.optimizers as optim
 
     def schedule(step):
-        return mx.array(lr * tasks.lr_factor(step.item(), warmup_steps, total_steps), mx.float32)
+        return mx.array(lr * harness.lr_factor(step.item(), warmup_steps, total_steps), mx.float32)
 
     optimizer = optim.AdamW(learning_rate=schedule, betas=list(betas), weight_decay=weight_decay,
                             bias_correction=True)
@@ -667,7 +654,7 @@ def load_policy(args, start_model=None):
     --resume finds one (full fine-tuning), else from start_model or args.model; LoRA-wrapped
     when --lora-rank > 0 (its adapters are restored by resume()). Returns model, tokenizer,
     checkpoint path or None."""
-    ckpt = tasks.latest_checkpoint(args.out_dir) if args.resume else None
+    ckpt = harness.latest_checkpoint(args.out_dir) if args.resume else None
     device = pick_device(args.device)
     source = ckpt if ckpt and not args.lora_rank else (start_model or args.model)
     model, tokenizer = load_model(source, device, pick_dtype(args.dtype, device), args.cache_dir)
@@ -686,15 +673,6 @@ def resume(ckpt, model, optimizer, scheduler):
     return state["step"], state["cursor"]
 
 
-def completion_log_probs(model, tokenizer, prompts, responses, return_token_entropy=False):
-    """log p of each response given its prompt, (B, T) with the response mask, sharing the
-    forward pass of the prompts' common prefix."""
-    batch = tokenize_prompt_and_output(prompts, responses, tokenizer)
-    out = get_response_log_probs(model, batch["input_ids"], batch["labels"], return_token_entropy,
-                                 shared_prefix=tasks.shared_prefix_length(batch["input_ids"].tolist()))
-    return out, batch["response_mask"]
-
-
 def optimizer_step(model, optimizer, grads, max_grad_norm):
     """Clip, step, evaluate (the one mx.eval of the update). Returns the pre-clip gradient norm.
     MLX has no .grad: the caller passes the accumulated gradients and drops them after."""
@@ -707,23 +685,14 @@ def optimizer_step(model, optimizer, grads, max_grad_norm):
 
 
 def evaluate_and_log(model, tokenizer, examples, args, step, log):
-    """Greedy held-out evaluation: accuracy to the metrics log, a sample of generations
-    (prompt, response, reward parts, entropy, length) to <out_dir>/eval_samples.jsonl."""
-    rows, summary = evaluate(model, tokenizer, examples, tasks.get_reward_fn(args.reward), args.max_new_tokens,
+    """Greedy held-out evaluation, logged and printed (harness.record_eval). Returns the summary."""
+    greedy = harness.Sampling(max_new_tokens=args.max_new_tokens, temperature=0.0)
+    rows, summary = evaluate(model, tokenizer, examples, rewards.get_reward_fn(args.reward), greedy,
                              batch_size=args.eval_batch_size, desc=f"eval@{step}")
-    tasks.write_jsonl(os.path.join(args.out_dir, "eval_samples.jsonl"), [{"step": step, **r} for r in rows[:16]], "a")
-    log({"step": step, "eval_accuracy": summary["accuracy"], "eval_format_rate": summary["format_rate"]})
-    return summary
+    return harness.record_eval(rows, summary, args.out_dir, step, log)
 
 
 def finish(args, model, tokenizer, summary, title):
     """Save <out_dir>/final (HF format) and, when the run evaluated, print and save its summary."""
-    import json
-
     save_pretrained(model, tokenizer, os.path.join(args.out_dir, "final"))
-    if summary is None:  # resumed an already finished run
-        return None
-    tasks.print_summary(summary, title)
-    with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    return summary
+    return harness.write_summary(summary, args.out_dir, title)

@@ -11,7 +11,6 @@ with log-probs summed over the response tokens (the prompt's terms cancel).
     uv run python dpo.py --train-data prefs.jsonl --beta 0.1 --n-steps 100
 """
 
-import argparse
 import os
 import time
 
@@ -19,20 +18,57 @@ import torch
 from tqdm import tqdm
 
 import common
+import harness
+import rewards
 import tasks
 
 
+# ----------------------------------------------------------------------------- defaults
+# Edit a line for an ablation, or override it as a flag: --n-steps 40 --beta 0.2.
+model = "smollm2-135m-instruct"  # local HF dir, hub id, or the embedded default
+task = "chain_sum"  # chain_sum, chain_sum_hard, basic_arithmetic, gsm_symbolic, or reasoning-gym name[:k=v,...]
+train_data = ""  # JSONL of {prompt, chosen, rejected}; else pairs from the policy's own samples
+eval_data = ""  # JSONL of your own held-out questions; overrides --task
+reward = "r1_zero"  # r1_zero, exact, or path/to/file.py:function
+out_dir = "runs/dpo"  # run directory
+cache_dir = ""  # where the embedded model is converted (default $NANOALIGN_CACHE or ~/.cache/nanoalign)
+# DPO
+n_steps = 20  # optimizer steps
+beta = 0.1  # DPO temperature
+group_size = 8  # samples per question when building pairs from the policy
+# optimization
+lr = 1e-6
+batch_size = 16  # pairs (or questions) per optimizer step
+grad_accum = 2  # microbatches per optimizer step
+warmup_steps = 0  # linear warmup, then cosine decay to 10%
+weight_decay = 0.0
+max_grad_norm = 1.0
+lora_rank = 0  # 0: full fine-tuning
+n_train = 5000  # training questions drawn from the task
+# sampling
+max_new_tokens = 64
+min_new_tokens = 4
+temperature = 1.0
+top_p = 1.0
+top_k = 0  # 0: off
+min_p = 0.0
+repetition_penalty = 1.0
+# evaluation (greedy), checkpoints, hardware
+n_eval = 200  # held-out items per evaluation
+eval_batch_size = 64
+eval_every = 0  # steps between held-out evaluations (0: only at the end)
+save_every = 0  # steps between checkpoints (0: only the final model)
+resume = False  # continue the run in --out-dir from its latest checkpoint
+wandb = False  # also log to Weights & Biases
+seed = 0
+device = "auto"  # auto: cuda > mps > cpu
+dtype = "auto"  # auto: bf16 where the hardware runs it fast, else fp32
+DEFAULTS = harness.defaults_of(globals())
+
+
 def parse_args(argv=None):
-    p = tasks.add_shared_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
-    g = p.add_argument_group("dpo")
-    g.add_argument("--n-steps", type=int, default=20)
-    g.add_argument("--beta", type=float, default=0.1)
-    g.add_argument("--group-size", type=int, default=8, help="samples per question when building pairs")
-    tasks.add_training_args(p, sampling=True, lr=1e-6, batch_size=16, grad_accum=2, n_train=5000, eval_every=0,
-                            save_every=0, max_new_tokens=64)
-    args = p.parse_args(argv)
-    args.out_dir = args.out_dir or os.path.join("runs", "dpo")
-    tasks.check_batch_args(p, args)
+    p, args = harness.parse_flags(DEFAULTS, argv, __doc__.split("\n")[0], __file__)
+    harness.require_multiple(p, [("--batch-size", args.batch_size, "--grad-accum", args.grad_accum)])
     return args
 
 
@@ -49,10 +85,9 @@ def pairs_from_policy(model, tokenizer, questions, args):
     prompts = [tasks.r1_zero_prompt(q["question"]) for q in questions]
     model.eval()
     rollouts = common.generate(model, tokenizer, [p for p in prompts for _ in range(args.group_size)],
-                               args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.min_p,
-                               args.repetition_penalty, args.min_new_tokens)
+                               harness.Sampling.from_args(args))
     model.train()
-    reward_fn, pairs = tasks.get_reward_fn(args.reward), []
+    reward_fn, pairs = rewards.get_reward_fn(args.reward), []
     for i, (prompt, q) in enumerate(zip(prompts, questions)):
         group = rollouts[i * args.group_size : (i + 1) * args.group_size]
         good = [r["response"] for r in group if reward_fn(r["response"], q["answer"])["reward"] == 1]
@@ -82,7 +117,7 @@ def main(args):
     train_examples = None if file_pairs else tasks.load_examples(args, "train", args.n_train)
     eval_examples = tasks.load_examples(args, "eval", args.n_eval)
     start_step, cursor = common.resume(ckpt, model, optimizer, scheduler)
-    log = tasks.MetricsLog(args.out_dir, args.wandb, vars(args))
+    log = harness.MetricsLog(args.out_dir, args.wandb, vars(args))
     micro = args.batch_size // args.grad_accum
     summary = None
 
@@ -91,10 +126,10 @@ def main(args):
     for step in bar:
         t0 = time.perf_counter()
         if file_pairs:
-            pairs = tasks.take(file_pairs, cursor, args.batch_size, args.seed)
+            pairs = harness.take(file_pairs, cursor, args.batch_size, args.seed)
             cursor += len(pairs)
         else:  # one pair at most per question: sample batch_size questions
-            pairs = pairs_from_policy(model, tokenizer, tasks.take(train_examples, cursor, args.batch_size, args.seed),
+            pairs = pairs_from_policy(model, tokenizer, harness.take(train_examples, cursor, args.batch_size, args.seed),
                                       args)
             cursor += args.batch_size
         stats = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0}
@@ -115,11 +150,9 @@ def main(args):
                "lr": scheduler.get_last_lr()[0], "step_s": time.perf_counter() - t0}
         log(row)
         bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['accuracy']:.2f}", pairs=len(pairs))
-        last = step + 1 == args.n_steps
-        if last or (args.eval_every and (step + 1) % args.eval_every == 0):
+        if harness.due(step + 1, args.eval_every, args.n_steps):
             summary = common.evaluate_and_log(model, tokenizer, eval_examples, args, step + 1, log)
-            bar.write(f"step {step + 1}: held-out accuracy {summary['accuracy']:.1%} format {summary['format_rate']:.1%}")
-        if not last and args.save_every and (step + 1) % args.save_every == 0:
+        if harness.due(step + 1, args.save_every, args.n_steps, at_end=False):
             common.save_checkpoint(args.out_dir, step + 1, model, tokenizer, optimizer, scheduler, cursor)
     return common.finish(args, model, tokenizer, summary, f"held-out after {args.n_steps} DPO steps")
 

@@ -9,7 +9,6 @@ sft_microbatch_train_step. Logs how many were kept and the held-out accuracy aft
     uv run python expert_iteration.py --n-ei-steps 5 --group-size 8 --questions-per-step 128
 """
 
-import argparse
 import json
 import os
 import time
@@ -17,21 +16,58 @@ import time
 from tqdm import tqdm
 
 import common
+import harness
+import rewards
 import tasks
 
 
+# ----------------------------------------------------------------------------- defaults
+# Edit a line for an ablation, or override it as a flag: --n-steps 40 --beta 0.2.
+model = "smollm2-135m-instruct"  # local HF dir, hub id, or the embedded default
+task = "chain_sum"  # chain_sum, chain_sum_hard, basic_arithmetic, gsm_symbolic, or reasoning-gym name[:k=v,...]
+train_data = ""  # JSONL of your own questions (MATH or GSM8K style); overrides --task
+eval_data = ""  # JSONL of your own held-out questions; overrides --task
+reward = "r1_zero"  # r1_zero, exact, or path/to/file.py:function
+out_dir = "runs/expert_iteration"  # run directory
+cache_dir = ""  # where the embedded model is converted (default $NANOALIGN_CACHE or ~/.cache/nanoalign)
+# expert iteration
+n_ei_steps = 3  # sample -> filter -> SFT rounds
+questions_per_step = 64
+group_size = 4  # answers sampled per question
+sft_epochs = 1  # passes over the kept answers per EI step
+# optimization
+lr = 2e-5
+batch_size = 16  # kept answers per optimizer step
+grad_accum = 2  # microbatches per optimizer step
+warmup_steps = 0  # linear warmup, then cosine decay to 10%
+weight_decay = 0.0
+max_grad_norm = 1.0
+lora_rank = 0  # 0: full fine-tuning
+n_train = 5000  # training questions drawn from the task
+# sampling
+max_new_tokens = 64
+min_new_tokens = 4
+temperature = 1.0
+top_p = 1.0
+top_k = 0  # 0: off
+min_p = 0.0
+repetition_penalty = 1.0
+# evaluation (greedy), checkpoints, hardware
+n_eval = 200  # held-out items per evaluation
+eval_batch_size = 64
+eval_every = 1  # steps between held-out evaluations (0: only at the end)
+save_every = 0  # steps between checkpoints (0: only the final model)
+resume = False  # continue the run in --out-dir from its latest checkpoint
+wandb = False  # also log to Weights & Biases
+seed = 0
+device = "auto"  # auto: cuda > mps > cpu
+dtype = "auto"  # auto: bf16 where the hardware runs it fast, else fp32
+DEFAULTS = harness.defaults_of(globals())
+
+
 def parse_args(argv=None):
-    p = tasks.add_shared_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
-    g = p.add_argument_group("expert iteration")
-    g.add_argument("--n-ei-steps", type=int, default=3)
-    g.add_argument("--questions-per-step", type=int, default=64)
-    g.add_argument("--group-size", type=int, default=4, help="answers sampled per question")
-    g.add_argument("--sft-epochs", type=int, default=1, help="passes over the kept answers per EI step")
-    tasks.add_training_args(p, sampling=True, lr=2e-5, batch_size=16, grad_accum=2, n_train=5000, eval_every=1,
-                            save_every=0, max_new_tokens=64)
-    args = p.parse_args(argv)
-    args.out_dir = args.out_dir or os.path.join("runs", "expert_iteration")
-    tasks.check_batch_args(p, args)
+    p, args = harness.parse_flags(DEFAULTS, argv, __doc__.split("\n")[0], __file__)
+    harness.require_multiple(p, [("--batch-size", args.batch_size, "--grad-accum", args.grad_accum)])
     return args
 
 
@@ -44,31 +80,30 @@ def main(args):
                                                  total_steps=10**9)
     train_examples = tasks.load_examples(args, "train", args.n_train)
     eval_examples = tasks.load_examples(args, "eval", args.n_eval)
-    reward_fn = tasks.get_reward_fn(args.reward)
+    reward_fn = rewards.get_reward_fn(args.reward)
     start_step, cursor = common.resume(ckpt, model, optimizer, scheduler)
-    log = tasks.MetricsLog(args.out_dir, args.wandb, vars(args))
+    log = harness.MetricsLog(args.out_dir, args.wandb, vars(args))
     micro = args.batch_size // args.grad_accum
     summary = None
 
     for ei_step in range(start_step, args.n_ei_steps):
         t0 = time.perf_counter()
         # ---- sample and filter
-        questions = tasks.take(train_examples, cursor, args.questions_per_step, args.seed)
+        questions = harness.take(train_examples, cursor, args.questions_per_step, args.seed)
         cursor += len(questions)
         prompts = [tasks.r1_zero_prompt(q["question"]) for q in questions for _ in range(args.group_size)]
         answers = [q["answer"] for q in questions for _ in range(args.group_size)]
         model.eval()
-        rollouts = common.generate(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_p,
-                                   args.top_k, args.min_p, args.repetition_penalty, args.min_new_tokens)
-        rewards = [reward_fn(r["response"], a) for r, a in zip(rollouts, answers)]
-        kept = list(dict.fromkeys((p, r["response"]) for p, r, s in zip(prompts, rollouts, rewards) if s["reward"] == 1))
+        rollouts = common.generate(model, tokenizer, prompts, harness.Sampling.from_args(args))
+        scores = [reward_fn(r["response"], a) for r, a in zip(rollouts, answers)]
+        kept = list(dict.fromkeys((p, r["response"]) for p, r, s in zip(prompts, rollouts, scores) if s["reward"] == 1))
         solved = len({p for p, _ in kept})
 
         # ---- SFT on the kept answers
         model.train()
         losses, n_updates = [], 0
         for epoch in range(args.sft_epochs):
-            order = tasks.take(kept, epoch * len(kept), len(kept), args.seed + ei_step) if kept else []
+            order = harness.take(kept, epoch * len(kept), len(kept), args.seed + ei_step) if kept else []
             for first in tqdm(range(0, len(order), args.batch_size), desc=f"ei {ei_step + 1} sft", leave=False):
                 opt_batch = order[first : first + args.batch_size]
                 n_micro = -(-len(opt_batch) // micro)
@@ -82,17 +117,16 @@ def main(args):
                 n_updates += 1
 
         row = {"step": ei_step + 1, "sampled": len(rollouts), "kept": len(kept), "questions_solved": solved,
-               "reward": sum(s["reward"] for s in rewards) / len(rewards),
-               "format_reward": sum(s["format_reward"] for s in rewards) / len(rewards),
+               "reward": sum(s["reward"] for s in scores) / len(scores),
+               "format_reward": sum(s["format_reward"] for s in scores) / len(scores),
                "sft_loss": sum(losses) / max(1, len(losses)), "sft_updates": n_updates,
                "step_s": time.perf_counter() - t0}
-        last = ei_step + 1 == args.n_ei_steps
-        if last or (args.eval_every and (ei_step + 1) % args.eval_every == 0):
+        if harness.due(ei_step + 1, args.eval_every, args.n_ei_steps):
             summary = common.evaluate_and_log(model, tokenizer, eval_examples, args, ei_step + 1, log)
             row["eval_accuracy"] = summary["accuracy"]
         log(row)
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-        if not last and args.save_every and (ei_step + 1) % args.save_every == 0:
+        if harness.due(ei_step + 1, args.save_every, args.n_ei_steps, at_end=False):
             common.save_checkpoint(args.out_dir, ei_step + 1, model, tokenizer, optimizer, scheduler, cursor)
     return common.finish(args, model, tokenizer, summary, f"held-out after {args.n_ei_steps} expert-iteration steps")
 

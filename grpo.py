@@ -2,21 +2,23 @@
 
 Each step: sample --group-size answers for each of --rollout-batch-size / --group-size
 questions, grade them, turn rewards into group-relative advantages, then take
---epochs-per-rollout passes of microbatch policy-gradient steps over them. The losses
-(no_baseline, reinforce_with_baseline, grpo_clip, dr_grpo, dapo, bnpo, gspo), the KL to
-a frozen reference and the advantage scaling are one flag each; the math is in common.py.
+--epochs-per-rollout passes of microbatch policy-gradient steps over them. The objective
+is `policy_loss` below; --loss-type picks its variant (no_baseline, reinforce_with_baseline,
+grpo_clip, dr_grpo, dapo, bnpo, gspo), --beta adds a KL to the frozen start model.
 
-Deviation from R1-Zero, on purpose: the embedded 135M model almost never writes the
-r1_zero format (0% on chain_sum), so strict rewards give GRPO no signal. By default the
-run first makes a short SFT warm start with sft.py on the task's own traces (cached in
-<out-dir>/warmstart; --warmstart-steps 0 turns it off) and then does GRPO on top.
+Deviations from R1-Zero, on purpose:
+- the embedded 135M model almost never writes the r1_zero format (0% on chain_sum), so
+  strict rewards give GRPO no signal: by default the run first makes a short SFT warm
+  start with sft.py on the task's own traces (cached in <out-dir>/warmstart;
+  --warmstart-steps 0 turns it off) and then does GRPO on top;
+- on-policy steps (one optimizer step per rollout batch) take the "old" log-probs from
+  the same forward pass, detached: the ratio is exactly 1 and its gradient is REINFORCE's.
 
     uv run python grpo.py                                       # the default run, ~35 min on 2 CPU cores
     uv run python grpo.py --loss-type dapo --cliprange-high 0.28
     uv run python grpo.py --model runs/sft/final --warmstart-steps 0 --beta 0.04
 """
 
-import argparse
 import os
 import time
 
@@ -24,37 +26,68 @@ import torch
 from tqdm import tqdm
 
 import common
+import harness
+import rewards
 import tasks
+
+# ----------------------------------------------------------------------------- defaults
+# Edit a line for an ablation, or override it as a flag: --n-steps 80 --group-size 4.
+model = "smollm2-135m-instruct"  # local HF dir, hub id, or the embedded default
+task = "chain_sum"  # chain_sum, chain_sum_hard, basic_arithmetic, gsm_symbolic, or reasoning-gym name[:k=v,...]
+train_data = ""  # JSONL of your own questions (MATH or GSM8K style); overrides --task
+eval_data = ""  # JSONL of your own held-out questions; overrides --task
+reward = "r1_zero"  # r1_zero, exact, or path/to/file.py:function
+out_dir = "runs/grpo"  # run directory: metrics.jsonl, checkpoints/, final/
+cache_dir = ""  # where the embedded model is converted (default $NANOALIGN_CACHE or ~/.cache/nanoalign)
+warmstart_steps = 25  # SFT steps on the task's traces before GRPO (0: start from --model as is)
+# GRPO
+n_steps = 40  # rollout + update rounds
+rollout_batch_size = 64  # completions sampled per step
+group_size = 8  # completions per question
+epochs_per_rollout = 1  # passes over each rollout batch (> 1: off-policy, old log-probs from a forward pass)
+loss_type = "grpo_clip"  # no_baseline, reinforce_with_baseline, grpo_clip, dr_grpo, dapo, bnpo, gspo
+cliprange = 0.2  # ratio clipped to [1 - cliprange, 1 + cliprange_high]
+cliprange_high = 0.2  # clip-higher (DAPO uses 0.28)
+beta = 0.0  # KL(k3) to the start model; 0: no reference model is loaded
+scale_rewards = "group"  # divide advantages by the group's std, the batch's, or none (Dr. GRPO: none)
+advantage_eps = 1e-6
+mask_truncated = False  # no loss on completions cut at max_new_tokens
+# optimization
+lr = 1e-5
+batch_size = 0  # rollouts per optimizer step (0: the whole rollout batch, one step)
+grad_accum = 4  # microbatches per optimizer step
+warmup_steps = 0  # linear warmup, then cosine decay to 10%
+weight_decay = 0.0
+max_grad_norm = 1.0
+lora_rank = 0  # 0: full fine-tuning
+n_train = 20000  # training questions drawn from the task
+# sampling (rollouts; evaluation is greedy)
+max_new_tokens = 64
+min_new_tokens = 4
+temperature = 1.0
+top_p = 1.0
+top_k = 0  # 0: off
+min_p = 0.0
+repetition_penalty = 1.0
+# evaluation, checkpoints, hardware
+n_eval = 200  # held-out items per evaluation
+eval_batch_size = 64
+eval_every = 20  # steps between held-out evaluations (0: only at the end)
+save_every = 20  # steps between checkpoints (0: only the final model)
+resume = False  # continue the run in --out-dir from its latest checkpoint
+wandb = False  # also log to Weights & Biases
+seed = 0
+device = "auto"  # auto: cuda > mps > cpu
+dtype = "auto"  # auto: bf16 where the hardware runs it fast, else fp32
+DEFAULTS = harness.defaults_of(globals())
 
 
 def parse_args(argv=None):
-    p = tasks.add_shared_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
-    g = p.add_argument_group("grpo")
-    g.add_argument("--n-steps", type=int, default=40)
-    g.add_argument("--rollout-batch-size", type=int, default=64, help="completions sampled per step")
-    g.add_argument("--group-size", type=int, default=8)
-    g.add_argument("--epochs-per-rollout", type=int, default=1)
-    g.add_argument("--loss-type", default="grpo_clip",
-                   choices=["no_baseline", "reinforce_with_baseline", "grpo_clip", "dr_grpo", "dapo", "bnpo", "gspo"])
-    g.add_argument("--cliprange", type=float, default=0.2)
-    g.add_argument("--cliprange-high", type=float, default=None, help="clip-higher upper bound (default: --cliprange)")
-    g.add_argument("--beta", type=float, default=0.0, help="KL(k3) coefficient to a frozen reference; 0 = no reference")
-    g.add_argument("--scale-rewards", default=None, choices=["group", "batch", "none"],
-                   help="divide advantages by the group or batch std (default: group; none for dr_grpo)")
-    g.add_argument("--advantage-eps", type=float, default=1e-6)
-    g.add_argument("--mask-truncated", action="store_true", help="no loss on completions cut at max-new-tokens")
-    g.add_argument("--warmstart-steps", type=int, default=25, help="sft.py steps on task traces before GRPO (0: off)")
-    tasks.add_training_args(p, sampling=True, lr=1e-5, batch_size=None, grad_accum=4, n_train=20_000, eval_every=20,
-                            save_every=20, max_new_tokens=64)
-    args = p.parse_args(argv)
-    args.out_dir = args.out_dir or os.path.join("runs", "grpo")
+    p, args = harness.parse_flags(DEFAULTS, argv, __doc__.split("\n")[0], __file__)
     args.batch_size = args.batch_size or args.rollout_batch_size
-    args.scale_rewards = args.scale_rewards or ("none" if args.loss_type == "dr_grpo" else "group")
-    for name, a, b in [("rollout-batch-size", args.rollout_batch_size, args.group_size),
-                       ("rollout-batch-size", args.rollout_batch_size, args.batch_size),
-                       ("batch-size", args.batch_size, args.grad_accum)]:
-        if a % b:
-            p.error(f"--{name} ({a}) must be a multiple of {b}")
+    harness.require_multiple(p, [("--rollout-batch-size", args.rollout_batch_size, "--group-size", args.group_size),
+                                 ("--rollout-batch-size", args.rollout_batch_size, "--batch-size", args.batch_size),
+                                 ("--batch-size", args.batch_size, "--grad-accum", args.grad_accum)])
     return args
 
 
@@ -67,9 +100,44 @@ def warm_start(args):
         sft.main(sft.parse_args(["--model", args.model, "--task", args.task, "--out-dir", path, "--seed", str(args.seed),
                                  "--n-steps", str(args.warmstart_steps), "--device", args.device, "--dtype", args.dtype,
                                  "--n-eval", str(args.n_eval), "--max-new-tokens", str(args.max_new_tokens),
-                                 "--eval-every", "0", "--save-every", "0"]
-                                + (["--cache-dir", args.cache_dir] if args.cache_dir else [])))
+                                 "--eval-every", "0", "--save-every", "0", "--cache-dir", args.cache_dir]))
     return os.path.join(path, "final")
+
+
+def policy_loss(log_probs, mask, advantages, raw_rewards, old_log_probs, ref_log_probs, step_tokens, args):
+    """The objective on one microbatch (minimized). Row b, response token t, advantage A_b:
+
+        ρ_bt = π_θ(o_bt) / π_old(o_bt)                 gspo: one ρ_b = exp(mean_t log ρ_bt) per row
+        ℓ_bt = −min(ρ_bt·A_b, clip(ρ_bt, 1−ε, 1+ε_high)·A_b)     no_baseline / reinforce_with_baseline: −A_b·log π_θ(o_bt)
+               + β·KL_k3(π_θ ‖ π_ref)
+        loss = Σ_bt mask_bt·ℓ_bt / Z_b
+
+    Z_b, the normalizer (the variants differ only here): grpo_clip, gspo and the REINFORCE
+    losses average each row over its own length, then over the rows of the optimizer step;
+    dapo averages over every token of the optimizer step (step_tokens); bnpo over the
+    microbatch's tokens; dr_grpo divides by a constant, rows × max_new_tokens.
+    log_probs, mask, old/ref log-probs (b, T); advantages, raw_rewards (b, 1)."""
+    A = raw_rewards if args.loss_type == "no_baseline" else advantages
+    log_ratio = log_probs - old_log_probs
+    if args.loss_type == "gspo":  # an empty row (masked truncation) gets ratio 1, not 0/0
+        log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    ratio = torch.exp(log_ratio)  # exactly 1 on-policy, with the gradient of log π_θ
+    if args.loss_type in ("no_baseline", "reinforce_with_baseline"):
+        per_token, clipped = -A * log_probs, torch.zeros_like(mask)
+    else:
+        surrogate, clipped_surrogate = ratio * A, ratio.clamp(1 - args.cliprange, 1 + args.cliprange_high) * A
+        per_token, clipped = -torch.minimum(surrogate, clipped_surrogate), (clipped_surrogate < surrogate).expand_as(mask)
+    kl = torch.zeros_like(log_probs)
+    if args.beta > 0:  # k3 estimate of KL(π_θ ‖ π_ref) per token
+        kl = common.kl_k3(policy_log_probs=log_probs, ref_log_probs=ref_log_probs)
+        per_token = per_token + args.beta * kl
+    Z = {"dapo": step_tokens, "bnpo": mask.sum() * args.grad_accum,
+         "dr_grpo": torch.tensor(args.batch_size * args.max_new_tokens)}.get(
+        args.loss_type, mask.sum(-1, keepdim=True) * args.batch_size)
+    loss = (per_token * mask / Z.clamp(min=1)).sum()
+    n = mask.sum().clamp(min=1)
+    stats = {"clip_frac": (clipped * mask).sum() / n, "kl": (kl.detach() * mask).sum() / n}
+    return loss, stats
 
 
 def main(args):
@@ -87,36 +155,33 @@ def main(args):
                                                  total_optimizer_steps)
     train_examples = tasks.load_examples(args, "train", args.n_train)
     eval_examples = tasks.load_examples(args, "eval", args.n_eval)
-    reward_fn = tasks.get_reward_fn(args.reward)
+    reward_fn = rewards.get_reward_fn(args.reward)
+    sampling = harness.Sampling.from_args(args)
     start_step, cursor = common.resume(ckpt, model, optimizer, scheduler)
-    log = tasks.MetricsLog(args.out_dir, args.wandb, vars(args))
+    log = harness.MetricsLog(args.out_dir, args.wandb, vars(args))
 
-    needs_ratio = args.loss_type in common.RATIO_LOSSES
     off_policy = optimizer_steps_per_rollout * args.epochs_per_rollout > 1
     micro = args.batch_size // args.grad_accum
     summary = None
     if start_step == 0:
         summary = common.evaluate_and_log(model, tokenizer, eval_examples, args, 0, log)
-        tasks.print_summary(summary, "held-out before GRPO (step 0)")
     bar = tqdm(range(start_step, args.n_steps), desc="grpo", initial=start_step, total=args.n_steps)
     for step in bar:
         t0 = time.perf_counter()
         # ---- rollouts: group_size samples for each question
-        questions = tasks.take(train_examples, cursor, args.rollout_batch_size // args.group_size, args.seed)
+        questions = harness.take(train_examples, cursor, args.rollout_batch_size // args.group_size, args.seed)
         cursor += len(questions)
         prompts = [tasks.r1_zero_prompt(q["question"]) for q in questions for _ in range(args.group_size)]
         answers = [q["answer"] for q in questions for _ in range(args.group_size)]
         model.eval()
-        rollouts = common.generate(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_p,
-                                   args.top_k, args.min_p, args.repetition_penalty, args.min_new_tokens,
-                                   batch_size=args.rollout_batch_size)
+        rollouts = common.generate(model, tokenizer, prompts, sampling, batch_size=args.rollout_batch_size)
         model.train()
         t_rollout = time.perf_counter() - t0
 
-        # ---- rewards -> advantages
+        # ---- rewards -> advantages: A = (r - mean_group) [/ std]
         advantages, raw_rewards, reward_meta = common.compute_group_normalized_rewards(
-            reward_fn, [r["response"] for r in rollouts], answers, args.group_size, args.advantage_eps,
-            normalize_by_std=args.scale_rewards == "group")
+            reward_fn=reward_fn, rollout_responses=[r["response"] for r in rollouts], repeated_ground_truths=answers,
+            group_size=args.group_size, advantage_eps=args.advantage_eps, normalize_by_std=args.scale_rewards == "group")
         if args.scale_rewards == "batch":
             advantages = advantages / (raw_rewards.std() + args.advantage_eps)
         batch = common.join_prompt_and_output_ids([r["prompt_ids"] for r in rollouts],
@@ -126,49 +191,42 @@ def main(args):
             batch["response_mask"][truncated] = False
         batch = {k: v.to(device) for k, v in batch.items()}
         advantages, raw_rewards = advantages.to(device)[:, None], raw_rewards.to(device)[:, None]  # (B, 1)
-        prefix = tasks.shared_prefix_length(batch["input_ids"].tolist())
+        prefix = harness.shared_prefix_length(batch["input_ids"].tolist())
 
         def log_probs_of(m, rows, entropy=False):
             return common.get_response_log_probs(m, batch["input_ids"][rows], batch["labels"][rows], entropy,
                                                  shared_prefix=prefix)
 
-        # old log-probs only when a later update reuses these rollouts; on-policy they are
-        # the current log-probs (detached), which saves a full forward pass.
-        old_log_probs = ref_log_probs = None
-        with torch.no_grad():
-            if needs_ratio and off_policy:
-                old_log_probs = torch.cat([log_probs_of(model, slice(i, i + micro))["log_probs"]
-                                           for i in range(0, args.rollout_batch_size, micro)])
-            if ref_model is not None:
-                ref_log_probs = torch.cat([log_probs_of(ref_model, slice(i, i + micro))["log_probs"]
-                                           for i in range(0, args.rollout_batch_size, micro)])
+        def all_log_probs(m):
+            with torch.no_grad():
+                return torch.cat([log_probs_of(m, slice(i, i + micro))["log_probs"]
+                                  for i in range(0, args.rollout_batch_size, micro)])
+
+        # a forward pass for π_old only when a ratio needs it and a later update reuses these rollouts
+        needs_ratio = args.loss_type not in ("no_baseline", "reinforce_with_baseline")
+        old_log_probs = all_log_probs(model) if needs_ratio and off_policy else None
+        ref_log_probs = all_log_probs(ref_model) if ref_model is not None else None
 
         # ---- policy-gradient steps over the rollouts
         t1, stats = time.perf_counter(), {"loss": 0.0, "entropy": [], "clip_frac": [], "kl": [], "grad_norm": []}
         for epoch in range(args.epochs_per_rollout):
-            order = torch.randperm(args.rollout_batch_size) if epoch or optimizer_steps_per_rollout > 1 \
-                else torch.arange(args.rollout_batch_size)
+            shuffle = epoch > 0 or optimizer_steps_per_rollout > 1
+            order = torch.randperm(args.rollout_batch_size) if shuffle else torch.arange(args.rollout_batch_size)
             for first in range(0, args.rollout_batch_size, args.batch_size):
                 opt_rows = order[first : first + args.batch_size]
-                n_tokens = batch["response_mask"][opt_rows].sum().clamp(min=1)
+                step_tokens = batch["response_mask"][opt_rows].sum()
                 for m0 in range(0, args.batch_size, micro):
                     rows = opt_rows[m0 : m0 + micro].to(device)
                     mask = batch["response_mask"][rows]
                     out = log_probs_of(model, rows, entropy=True)
-                    log_probs = out["log_probs"]
-                    old = old_log_probs[rows] if old_log_probs is not None else log_probs.detach()
-                    normalizer = {"dapo": n_tokens, "bnpo": mask.sum().clamp(min=1) * args.grad_accum,
-                                  "dr_grpo": args.batch_size * args.max_new_tokens}.get(args.loss_type)
-                    loss, meta = common.grpo_microbatch_train_step(
-                        log_probs, mask, args.grad_accum, args.loss_type, raw_rewards[rows], advantages[rows], old,
-                        args.cliprange, args.cliprange_high, ref_log_probs[rows] if ref_model else None, args.beta,
-                        normalizer)
+                    old = out["log_probs"].detach() if old_log_probs is None else old_log_probs[rows]
+                    loss, loss_stats = policy_loss(out["log_probs"], mask, advantages[rows], raw_rewards[rows], old,
+                                                   None if ref_model is None else ref_log_probs[rows], step_tokens, args)
+                    loss.backward()
                     stats["loss"] += loss.item()
                     stats["entropy"].append(common.masked_mean(out["token_entropy"], mask).item())
-                    if "kl" in meta:
-                        stats["kl"].append(meta["kl"].item())
-                    if "clipped" in meta:
-                        stats["clip_frac"].append(common.masked_mean(meta["clipped"].float(), mask).item())
+                    stats["clip_frac"].append(loss_stats["clip_frac"].item())
+                    stats["kl"].append(loss_stats["kl"].item())
                 stats["grad_norm"].append(common.optimizer_step(model, optimizer, scheduler, args.max_grad_norm))
         t_train = time.perf_counter() - t1
 
@@ -180,18 +238,16 @@ def main(args):
                "zero_std_frac": reward_meta["zero_std_frac"], "response_len": lengths.mean().item(),
                "response_len_max": lengths.max().item(), "truncated_frac": truncated.float().mean().item(),
                "entropy": sum(stats["entropy"]) / len(stats["entropy"]), "loss": stats["loss"],
-               "clip_frac": sum(stats["clip_frac"]) / max(1, len(stats["clip_frac"])),
-               "kl": sum(stats["kl"]) / max(1, len(stats["kl"])), "grad_norm": max(stats["grad_norm"]),
+               "clip_frac": sum(stats["clip_frac"]) / len(stats["clip_frac"]),
+               "kl": sum(stats["kl"]) / len(stats["kl"]), "grad_norm": max(stats["grad_norm"]),
                "lr": scheduler.get_last_lr()[0], "rollout_tok_s": lengths.sum().item() / t_rollout,
                "train_tok_s": n_train_tokens / t_train, "step_s": time.perf_counter() - t0}
         log(row)
         bar.set_postfix(reward=f"{row['reward']:.2f}", fmt=f"{row['format_reward']:.2f}", len=f"{row['response_len']:.0f}",
                         s=f"{row['step_s']:.0f}")
-        last = step + 1 == args.n_steps
-        if last or (args.eval_every and (step + 1) % args.eval_every == 0):
+        if harness.due(step + 1, args.eval_every, args.n_steps):
             summary = common.evaluate_and_log(model, tokenizer, eval_examples, args, step + 1, log)
-            bar.write(f"step {step + 1}: held-out accuracy {summary['accuracy']:.1%} format {summary['format_rate']:.1%}")
-        if not last and args.save_every and (step + 1) % args.save_every == 0:
+        if harness.due(step + 1, args.save_every, args.n_steps, at_end=False):
             common.save_checkpoint(args.out_dir, step + 1, model, tokenizer, optimizer, scheduler, cursor)
     return common.finish(args, model, tokenizer, summary, f"held-out after {args.n_steps} GRPO steps")
 

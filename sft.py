@@ -12,8 +12,6 @@ through the model once per microbatch (common.get_response_log_probs(shared_pref
     uv run python sft.py --train-data pairs.jsonl --packed --seq-length 512
 """
 
-import argparse
-import json
 import os
 import time
 
@@ -21,27 +19,56 @@ import torch
 from tqdm import tqdm
 
 import common
+import harness
 import tasks
 
 
+# ----------------------------------------------------------------------------- defaults
+# Edit a line for an ablation, or override it as a flag: --n-steps 80 --lr 1e-5.
+model = "smollm2-135m-instruct"  # local HF dir, hub id, or the embedded default
+task = "gsm_symbolic"  # chain_sum, chain_sum_hard, basic_arithmetic, gsm_symbolic, or reasoning-gym name[:k=v,...]
+train_data = ""  # JSONL of {prompt, response} pairs or of questions with reasoning; overrides --task
+eval_data = ""  # JSONL of your own held-out questions; overrides --task
+reward = "r1_zero"  # how evaluation grades: r1_zero, exact, or path/to/file.py:function
+out_dir = "runs/sft"  # run directory: metrics.jsonl, checkpoints/, final/
+cache_dir = ""  # where the embedded model is converted (default $NANOALIGN_CACHE or ~/.cache/nanoalign)
+# SFT
+n_steps = 60  # optimizer steps
+packed = False  # packed Alpaca documents with loss on every token, instead of completion-only
+seq_length = 512  # chunk length with --packed
+# optimization
+lr = 5e-5
+batch_size = 16  # examples per optimizer step
+grad_accum = 2  # microbatches per optimizer step
+warmup_steps = 5  # linear warmup, then cosine decay to 10%
+weight_decay = 0.0
+max_grad_norm = 1.0
+lora_rank = 0  # 0: full fine-tuning
+n_train = 5000  # training examples drawn from the task
+# evaluation (greedy), checkpoints, hardware
+max_new_tokens = 256
+n_eval = 200  # held-out items per evaluation
+eval_batch_size = 64
+eval_every = 0  # steps between held-out evaluations (0: only at the end)
+save_every = 0  # steps between checkpoints (0: only the final model)
+resume = False  # continue the run in --out-dir from its latest checkpoint
+wandb = False  # also log to Weights & Biases
+seed = 0
+device = "auto"  # auto: cuda > mps > cpu (MLX: the Metal GPU on a Mac, else the CPU)
+dtype = "auto"  # auto: bf16 where the hardware runs it fast, else fp32
+DEFAULTS = harness.defaults_of(globals())
+
+
 def parse_args(argv=None):
-    p = tasks.add_shared_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
-    g = p.add_argument_group("sft")
-    g.add_argument("--n-steps", type=int, default=60, help="optimizer steps")
-    g.add_argument("--packed", action="store_true", help="packed Alpaca documents instead of completion-only")
-    g.add_argument("--seq-length", type=int, default=512, help="chunk length with --packed")
-    tasks.add_training_args(p, sampling=False, lr=5e-5, batch_size=16, grad_accum=2, warmup_steps=5, n_train=5000,
-                            eval_every=0, save_every=0, task="gsm_symbolic", max_new_tokens=256)
-    args = p.parse_args(argv)
-    args.out_dir = args.out_dir or os.path.join("runs", "sft")
-    tasks.check_batch_args(p, args)
+    p, args = harness.parse_flags(DEFAULTS, argv, __doc__.split("\n")[0], __file__)
+    harness.require_multiple(p, [("--batch-size", args.batch_size, "--grad-accum", args.grad_accum)])
     return args
 
 
 def packed_batches(args, tokenizer, pairs):
     """An endless stream of packed (input_ids, labels, mask) microbatches."""
     path = os.path.join(args.out_dir, "train_pairs.jsonl")
-    tasks.write_jsonl(path, [{"prompt": p, "response": r} for p, r in pairs])
+    harness.write_jsonl(path, [{"prompt": p, "response": r} for p, r in pairs])
     dataset = common.get_packed_sft_dataset(tokenizer, path, args.seq_length, shuffle=True)
     while True:
         for b in common.iterate_batches(dataset, args.batch_size // args.grad_accum, shuffle=True):
@@ -58,7 +85,7 @@ def main(args):
     eval_examples = tasks.load_examples(args, "eval", args.n_eval)
     start_step, cursor = common.resume(ckpt, model, optimizer, scheduler)
     packed = packed_batches(args, tokenizer, pairs) if args.packed else None
-    log = tasks.MetricsLog(args.out_dir, args.wandb, vars(args))
+    log = harness.MetricsLog(args.out_dir, args.wandb, vars(args))
     device = next(model.parameters()).device
 
     micro, summary = args.batch_size // args.grad_accum, None
@@ -71,7 +98,7 @@ def main(args):
                 input_ids, labels, mask = (x.to(device) for x in next(packed))
                 log_probs = common.get_response_log_probs(model, input_ids, labels)["log_probs"]
             else:
-                chunk = tasks.take(pairs, cursor, micro, args.seed)
+                chunk = harness.take(pairs, cursor, micro, args.seed)
                 cursor += micro
                 out, mask = common.completion_log_probs(model, tokenizer, [c[0] for c in chunk], [c[1] for c in chunk])
                 log_probs = out["log_probs"]
@@ -85,11 +112,9 @@ def main(args):
                "train_tok_s": n_tokens / (time.perf_counter() - t0), "step_s": time.perf_counter() - t0}
         log(row)
         bar.set_postfix(loss=f"{total_loss:.3f}", s=f"{row['step_s']:.1f}")
-        last = step + 1 == args.n_steps
-        if last or (args.eval_every and (step + 1) % args.eval_every == 0):
+        if harness.due(step + 1, args.eval_every, args.n_steps):
             summary = common.evaluate_and_log(model, tokenizer, eval_examples, args, step + 1, log)
-            bar.write(f"step {step + 1}: held-out accuracy {summary['accuracy']:.1%} format {summary['format_rate']:.1%}")
-        if not last and args.save_every and (step + 1) % args.save_every == 0:
+        if harness.due(step + 1, args.save_every, args.n_steps, at_end=False):
             common.save_checkpoint(args.out_dir, step + 1, model, tokenizer, optimizer, scheduler, cursor)
     return common.finish(args, model, tokenizer, summary, f"held-out after {args.n_steps} SFT steps")
 

@@ -7,6 +7,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import common  # noqa: E402
+import rewards  # noqa: E402
 import tasks  # noqa: E402
 
 
@@ -79,11 +80,11 @@ def run_iterate_batches(dataset, batch_size, shuffle):
 
 
 def run_parse_mmlu_response(mmlu_example, model_output):
-    return tasks.parse_mmlu_response(mmlu_example, model_output)
+    return rewards.parse_mmlu_response(mmlu_example, model_output)
 
 
 def run_parse_gsm8k_response(model_output):
-    return tasks.parse_gsm8k_response(model_output)
+    return rewards.parse_gsm8k_response(model_output)
 
 
 def run_compute_per_instance_dpo_loss(lm, lm_ref, tokenizer, beta, prompt, response_chosen, response_rejected):
@@ -91,4 +92,4 @@ def run_compute_per_instance_dpo_loss(lm, lm_ref, tokenizer, beta, prompt, respo
 
 
 def run_r1_zero_reward_fn(response, ground_truth):
-    return tasks.r1_zero_reward_fn(response, ground_truth)
+    return rewards.r1_zero_reward_fn(response, ground_truth)

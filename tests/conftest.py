@@ -10,9 +10,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The embedded SmolLM2-135M-Instruct as a cached HF directory (converted on first use)."""
-    import tasks
+    import machine
 
-    return tasks.resolve_model(tasks.DEFAULT_MODEL)
+    return machine.resolve_model(machine.DEFAULT_MODEL)
 
 
 @pytest.fixture(scope="session")

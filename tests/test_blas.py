@@ -1,4 +1,4 @@
-"""tasks.load_fast_blas: MLX on Linux CPU runs its matmuls in OpenBLAS, not in the wheel's
+"""machine.load_fast_blas: MLX on Linux CPU runs its matmuls in OpenBLAS, not in the wheel's
 reference BLAS. Each check runs in a fresh interpreter: the swap must happen before mlx.core
 is imported, and a library once loaded stays for the life of the process."""
 
@@ -15,9 +15,9 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="only Linux swap
 
 MATMUL = """
 import numpy as np
-import tasks
-lib = tasks.load_fast_blas({cache!r})
-assert tasks.load_fast_blas({cache!r}) == lib  # idempotent
+import machine
+lib = machine.load_fast_blas({cache!r})
+assert machine.load_fast_blas({cache!r}) == lib  # idempotent
 import mlx.core as mx
 a = mx.random.normal((64, 64))
 assert np.allclose(np.array(a @ a), np.array(a) @ np.array(a), atol=1e-4)
@@ -46,7 +46,7 @@ def test_mlx_matmul_runs_in_the_loaded_library(tmp_path):
 
 
 def test_too_late_after_mlx_import_warns_once_and_returns_none(tmp_path):
-    (lib,), err = run(f"import mlx.core, tasks; print(tasks.load_fast_blas({str(tmp_path)!r}))")
+    (lib,), err = run(f"import mlx.core, machine; print(machine.load_fast_blas({str(tmp_path)!r}))")
     assert lib == "None"
     assert err.count(WARNING) == 1 and "too late" in err
     assert not (tmp_path / "blas").exists()

@@ -13,6 +13,7 @@ import torch
 
 import adapters
 import common
+import harness
 import tasks
 from conftest import tiny_llama
 
@@ -603,7 +604,8 @@ def test_per_instance_dpo_loss_same_model_is_log2(smollm2_tokenizer):
 def _sample(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0):
     g = torch.Generator().manual_seed(seed)
     generated = torch.zeros((logits.shape[0], 0), dtype=torch.long)
-    return common.sample_next_token(logits, generated, temperature, top_k, top_p, min_p, 1.0, g)
+    sampling = harness.Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    return common.sample_next_token(logits, generated, sampling, g)
 
 
 # probabilities [0.5, 0.3, 0.15, 0.05] over V = 4
@@ -720,7 +722,7 @@ GEN_PROMPTS = ["what is 2+3?", "hi", "a much longer prompt, with more words in i
 
 
 def _check_greedy_matches(model, tok, prompts, max_new_tokens, eos_ids):
-    results = common.generate(model, tok, prompts, max_new_tokens, temperature=0.0, stop=())
+    results = common.generate(model, tok, prompts, harness.Sampling(max_new_tokens=max_new_tokens, temperature=0.0, stop=()))
     assert len(results) == len(prompts)
     for prompt, res in zip(prompts, results):
         p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
@@ -775,8 +777,8 @@ def test_generate_greedy_batch_absolute_positions_matches_reference():
 
 def test_generate_greedy_is_deterministic():
     model, tok = tiny_llama(vocab_size=64, seed=1), CharTokenizer()
-    a = common.generate(model, tok, GEN_PROMPTS, 10, temperature=0.0)
-    b = common.generate(model, tok, GEN_PROMPTS, 10, temperature=0.0)
+    a = common.generate(model, tok, GEN_PROMPTS, harness.Sampling(max_new_tokens=10, temperature=0.0))
+    b = common.generate(model, tok, GEN_PROMPTS, harness.Sampling(max_new_tokens=10, temperature=0.0))
     assert [r["response_ids"] for r in a] == [r["response_ids"] for r in b]
     assert [r["response"] for r in a] == [r["response"] for r in b]
 
@@ -785,7 +787,7 @@ def test_generate_result_structure_and_truncation():
     model, tok = tiny_llama(vocab_size=64, seed=2), CharTokenizer()
     g = torch.Generator().manual_seed(0)
     max_new = 8
-    results = common.generate(model, tok, GEN_PROMPTS * 3, max_new, temperature=1.0, generator=g)
+    results = common.generate(model, tok, GEN_PROMPTS * 3, harness.Sampling(max_new_tokens=max_new), generator=g)
     assert len(results) == len(GEN_PROMPTS) * 3
     for prompt, res in zip(GEN_PROMPTS * 3, results):
         assert {"prompt_ids", "response_ids", "response", "log_probs", "truncated"} <= set(res)
@@ -818,7 +820,7 @@ def _eos_biased_model():
 def test_generate_stops_at_eos_and_is_not_truncated():
     # an output layer that always puts EOS on top: every response is exactly [EOS]
     model, tok = _eos_biased_model(), CharTokenizer()
-    results = common.generate(model, tok, GEN_PROMPTS, 8, temperature=0.0)
+    results = common.generate(model, tok, GEN_PROMPTS, harness.Sampling(max_new_tokens=8, temperature=0.0))
     for res in results:
         assert res["response_ids"] == [tok.eos_token_id]
         assert res["truncated"] is False
@@ -830,7 +832,7 @@ def test_generate_min_new_tokens_hand():
     # steps: the 63 other tokens tie at 0, argmax picks token 0 (pad), log p = -ln 63,
     # entropy ln 63; then EOS: log p = 10 - ln(e^10 + 63), entropy of [e^10, 1 x 63] / Z.
     model, tok = _eos_biased_model(), CharTokenizer()
-    results = common.generate(model, tok, GEN_PROMPTS[:2], 8, temperature=0.0, min_new_tokens=3)
+    results = common.generate(model, tok, GEN_PROMPTS[:2], harness.Sampling(max_new_tokens=8, temperature=0.0, min_new_tokens=3))
     z = math.exp(10) + 63
     p_eos, p_other = math.exp(10) / z, 1 / z
     h_last = -(p_eos * math.log(p_eos) + 63 * p_other * math.log(p_other))

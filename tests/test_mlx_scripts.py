@@ -116,7 +116,7 @@ def test_sft_trajectory_matches_torch(char_model_dir, tmp_path):
     assert_same_trajectory(torch_losses, mlx_losses, 20)
 
 
-def fixed_rollouts(tokenizer, prompts, max_new_tokens, *args, **kwargs):
+def fixed_rollouts(tokenizer, prompts, max_new_tokens):
     """Rollouts with the sampling randomness removed: response i is a fixed pseudo-random
     string (seeded by i), the same in both frameworks."""
     rng = np.random.default_rng(0)
@@ -136,8 +136,8 @@ def test_grpo_trajectory_matches_torch_on_fixed_rollouts(char_model_dir, tmp_pat
     import common
 
     for module in (common, common_mlx):
-        monkeypatch.setattr(module, "generate", lambda model, tokenizer, prompts, n, *a, **k:
-                            fixed_rollouts(tokenizer, prompts, n))
+        monkeypatch.setattr(module, "generate", lambda model, tokenizer, prompts, sampling, *a, **k:
+                            fixed_rollouts(tokenizer, prompts, sampling.max_new_tokens))
     flags = GRPO_FLAGS + ["--reward", SEVENS, "--loss-type", loss_type, "--n-steps", "5", "--lr", "3e-3",
                           "--eval-every", "0", "--save-every", "0", "--n-eval", "2"] + extra
     grpo.main(grpo.parse_args(common_flags(char_model_dir, tmp_path / "torch") + flags))

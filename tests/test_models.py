@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import machine
 import tasks
 
 pytestmark = pytest.mark.slow
@@ -23,16 +24,16 @@ def test_cached_dir_is_a_plain_hf_directory(smollm2_dir):
 
 def test_resolve_model_reuses_the_cache(smollm2_dir):
     mtime = os.path.getmtime(os.path.join(smollm2_dir, "model.safetensors"))
-    assert tasks.resolve_model(tasks.DEFAULT_MODEL) == smollm2_dir
+    assert machine.resolve_model(machine.DEFAULT_MODEL) == smollm2_dir
     assert os.path.getmtime(os.path.join(smollm2_dir, "model.safetensors")) == mtime
-    assert tasks.resolve_model(smollm2_dir) == smollm2_dir  # a local dir passes through
-    assert tasks.resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert machine.resolve_model(smollm2_dir) == smollm2_dir  # a local dir passes through
+    assert machine.resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def test_cache_dir_follows_env_and_flag(monkeypatch, tmp_path):
     monkeypatch.setenv("NANOALIGN_CACHE", str(tmp_path / "env"))
-    assert tasks.cache_dir() == tmp_path / "env"
-    assert tasks.cache_dir(str(tmp_path / "flag")) == tmp_path / "flag"
+    assert machine.cache_dir() == tmp_path / "env"
+    assert machine.cache_dir(str(tmp_path / "flag")) == tmp_path / "flag"
 
 
 def test_transformers_and_mlx_give_the_same_next_token_logits(smollm2_dir):
@@ -60,7 +61,7 @@ def test_concurrent_first_uses_do_not_corrupt_the_cache(tmp_path):
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = "import tasks; print(tasks.resolve_model(tasks.DEFAULT_MODEL))"
+    code = "import machine; print(machine.resolve_model(machine.DEFAULT_MODEL))"
     env = {**os.environ, "NANOALIGN_CACHE": str(tmp_path)}
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=root, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True) for _ in range(2)]

@@ -5,6 +5,8 @@ import json
 import pytest
 
 import adapters
+import harness
+import rewards
 import tasks
 
 # ----------------------------------------------------------------------------- r1_zero reward
@@ -112,12 +114,12 @@ def test_r1_zero_never_raises_on_junk(response, ground_truth):
     ],
 )
 def test_exact_match_reward_fn(response, ground_truth, expected):
-    _check(tasks.exact_match_reward_fn(response, ground_truth), expected)
+    _check(rewards.exact_match_reward_fn(response, ground_truth), expected)
 
 
 def test_exact_match_reward_fn_never_raises():
     for response in ("", "x" * 1_000_000, _r1("{" * 10_000), "</think> <answer>"):
-        got = tasks.exact_match_reward_fn(response, "42")
+        got = rewards.exact_match_reward_fn(response, "42")
         assert float(got["reward"]) == 0.0
 
 
@@ -315,23 +317,23 @@ def test_r1_zero_prompt():
 
 def test_take_is_a_pure_function_of_the_cursor():
     examples = list(range(10))
-    whole = tasks.take(examples, 0, 25, seed=3)
-    assert tasks.take(examples, 0, 7, seed=3) + tasks.take(examples, 7, 18, seed=3) == whole  # resume anywhere
+    whole = harness.take(examples, 0, 25, seed=3)
+    assert harness.take(examples, 0, 7, seed=3) + harness.take(examples, 7, 18, seed=3) == whole  # resume anywhere
     for epoch in range(2):  # each epoch is a permutation of all examples
         assert sorted(whole[epoch * 10 : (epoch + 1) * 10]) == examples
     assert whole[:10] != whole[10:20]  # reshuffled per epoch
-    assert tasks.take(examples, 0, 10, seed=4) != whole[:10]
+    assert harness.take(examples, 0, 10, seed=4) != whole[:10]
 
 
 def test_shared_prefix_length_leaves_one_token_per_row():
-    assert tasks.shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
-    assert tasks.shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # identical rows keep their last token
-    assert tasks.shared_prefix_length([[7, 1], [8, 1]]) == 0
+    assert harness.shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert harness.shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # identical rows keep their last token
+    assert harness.shared_prefix_length([[7, 1], [8, 1]]) == 0
 
 
 def test_lr_factor_warmup_then_cosine_to_ten_percent():
-    assert [tasks.lr_factor(s, 4, 14) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert tasks.lr_factor(4, 4, 14) == 1.0
-    assert tasks.lr_factor(9, 4, 14) == pytest.approx(0.55)  # half way: 0.1 + 0.9 * 0.5
-    assert tasks.lr_factor(14, 4, 14) == pytest.approx(0.1)
-    assert tasks.lr_factor(100, 4, 14) == pytest.approx(0.1)
+    assert [harness.lr_factor(s, 4, 14) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert harness.lr_factor(4, 4, 14) == 1.0
+    assert harness.lr_factor(9, 4, 14) == pytest.approx(0.55)  # half way: 0.1 + 0.9 * 0.5
+    assert harness.lr_factor(14, 4, 14) == pytest.approx(0.1)
+    assert harness.lr_factor(100, 4, 14) == pytest.approx(0.1)

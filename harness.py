@@ -1,0 +1,198 @@
+"""The run harness every script shares, framework-free: flags built from a script's
+defaults block, the sampling settings, the data cursor, the LR schedule, checkpoint
+lookup and the metrics log.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import time
+from pathlib import Path
+
+import tasks
+
+# ----------------------------------------------------------------------------- flags
+
+
+def defaults_of(namespace):
+    """The defaults block of a script: its lowercase module globals that hold a plain value
+    (bool, int, float, str), in the order they were written."""
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and k.islower() and type(v) in (bool, int, float, str)}
+
+
+CHOICES = {  # flags with a fixed set of values, the same in every script
+    "loss_type": ("no_baseline", "reinforce_with_baseline", "grpo_clip", "dr_grpo", "dapo", "bnpo", "gspo"),
+    "scale_rewards": ("group", "batch", "none"),
+    "dtype": ("auto", "float32", "bfloat16", "float16"),
+}
+
+
+def parse_flags(defaults, argv=None, description=None, source=None, choices=CHOICES):
+    """argparse over a defaults block: `n_steps = 40  # GRPO steps` becomes `--n-steps 40`
+    with the default's type and the line's comment as its help; a bool becomes --x / --no-x.
+    choices: {name: allowed values}. Returns the parser (for errors) and the Namespace."""
+    comments = {}
+    if source:  # the help text is the comment on the default's own line
+        for m in re.finditer(r"^(\w+) = .*?#\s*(.*)$", Path(source).read_text(), re.M):
+            comments[m.group(1)] = m.group(2).replace("%", "%%")
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for name, value in defaults.items():
+        flag, kw = "--" + name.replace("_", "-"), {"default": value, "help": comments.get(name, " ")}
+        if type(value) is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            p.add_argument(flag, type=type(value), choices=choices.get(name), **kw)
+    return p, p.parse_args(argv)
+
+
+def require_multiple(parser, pairs):
+    """Each (flag, value, flag, divisor): stop with one line naming both numbers and a valid value."""
+    for name, value, div_name, divisor in pairs:
+        if divisor <= 0 or value <= 0 or value % divisor:
+            fit = max(divisor, value - value % divisor) if divisor > 0 else 1
+            parser.error(f"{name} ({value}) must be a positive multiple of {div_name} ({divisor}), e.g. {fit}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How rollouts are sampled; one object, so no caller passes these positionally."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = 0
+    stop: tuple = (tasks.STOP,)  # stop strings, kept in the text
+
+    @classmethod
+    def from_args(cls, args, **overrides):
+        """The settings a script's flags name (those it has), with overrides."""
+        fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+        return cls(**{**fields, **overrides})
+
+
+# ----------------------------------------------------------------------------- the loop's small pieces (both frameworks)
+
+
+def take(examples, cursor, n, seed):
+    """Examples cursor .. cursor+n of an endless stream of seeded per-epoch shuffles.
+    A pure function of the cursor, so a resumed run sees exactly the same data."""
+    out = []
+    while len(out) < n:
+        epoch, offset = divmod(cursor, len(examples))
+        order = list(range(len(examples)))
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+        take_now = min(n - len(out), len(examples) - offset)
+        out += [examples[i] for i in order[offset : offset + take_now]]
+        cursor += take_now
+    return out
+
+
+def shared_prefix_length(sequences, keep_last=1):
+    """Length of the token prefix common to all sequences, leaving at least keep_last
+    tokens of each one outside it (a forward pass needs at least one new token per row)."""
+    shortest = min(len(s) for s in sequences) - keep_last
+    k = 0
+    while k < shortest and all(s[k] == sequences[0][k] for s in sequences):
+        k += 1
+    return k
+
+
+def lr_factor(step, warmup_steps, total_steps, final=0.1):
+    """Learning-rate multiplier: linear warmup, then cosine decay to `final`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def due(step, every, n_steps, at_end=True):
+    """Whether step (1-based) is an every-th step: the last step counts when at_end (for
+    evaluations, which the final summary needs) and never otherwise (for checkpoints,
+    since the final model is saved anyway). every = 0: only at the end."""
+    if step == n_steps:
+        return at_end
+    return every > 0 and step % every == 0
+
+
+def latest_checkpoint(out_dir):
+    """<out_dir>/checkpoints/step_N with the largest N, or None (each one is complete: they
+    are written to a temp dir and renamed)."""
+    import glob
+
+    found = sorted(glob.glob(os.path.join(out_dir, "checkpoints", "step_*")))
+    return found[-1] if found else None
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+def print_summary(summary, title):
+    n = max(summary["n"], 1)
+    lines = [
+        f"{title}",
+        f"  {'category':<28}{'count':>7}{'share':>9}",
+        f"  {'format right, answer right':<28}{summary['format_and_answer']:>7}{summary['format_and_answer'] / n:>9.1%}",
+        f"  {'format right, answer wrong':<28}{summary['format_only']:>7}{summary['format_only'] / n:>9.1%}",
+        f"  {'format wrong':<28}{summary['no_format']:>7}{summary['no_format'] / n:>9.1%}",
+        f"  accuracy {summary['accuracy']:.1%}  (n={summary['n']})",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+
+class MetricsLog:
+    """One dict per call appended to <out_dir>/metrics.jsonl (and wandb with --wandb)."""
+
+    def __init__(self, out_dir, use_wandb=False, config=None):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.wandb = None
+        if use_wandb:
+            import wandb
+
+            self.wandb = wandb
+            wandb.init(project="nanoalign", config=config)
+
+    def __call__(self, row):
+        write_jsonl(self.path, [row], "a")
+        if self.wandb:
+            self.wandb.log(row, step=row["step"])
+
+
+def write_jsonl(path, rows, mode="w"):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, mode, encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def record_eval(rows, summary, out_dir, step, log):
+    """A held-out evaluation's trace: accuracy and format rate to the metrics log, the first
+    16 generations (prompt, response, reward parts, entropy, length) to eval_samples.jsonl,
+    one line to the terminal. Returns the summary."""
+    write_jsonl(os.path.join(out_dir, "eval_samples.jsonl"), [{"step": step, **r} for r in rows[:16]], "a")
+    log({"step": step, "eval_accuracy": summary["accuracy"], "eval_format_rate": summary["format_rate"]})
+    from tqdm import tqdm
+
+    tqdm.write(f"step {step}: held-out accuracy {summary['accuracy']:.1%} format {summary['format_rate']:.1%} "
+               f"(n={summary['n']})")
+    return summary
+
+
+def write_summary(summary, out_dir, title):
+    """Print the final three-category summary and save it as <out_dir>/summary.json (None:
+    the run was resumed after its end and evaluated nothing)."""
+    if summary is None:
+        return None
+    print_summary(summary, title)
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary

@@ -1,0 +1,138 @@
+"""Answer parsing and reward functions, framework-free. Model output is hostile: every
+reward here is time-bounded, never evaluates code and never raises.
+
+A reward is any function (response, ground_truth) -> {"reward", "format_reward",
+"answer_reward"}; `get_reward_fn` finds one by name or as path/to/file.py:function.
+"""
+
+import math
+import os
+import re
+import warnings
+from pathlib import Path
+
+# ----------------------------------------------------------------------------- parsing
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def parse_gsm8k_response(model_output):
+    """The last number in the text (commas dropped), or None."""
+    numbers = _NUMBER.findall(model_output[-10_000:])
+    return numbers[-1].replace(",", "") if numbers else None
+
+
+_MMLU = re.compile(r"answer\s+is\s*:?\s*\(?([ABCD])\b", re.IGNORECASE)
+
+
+def parse_mmlu_response(mmlu_example, model_output):
+    """The option letter A-D the output commits to ('The correct answer is B'), or None."""
+    m = _MMLU.search(model_output[-10_000:])
+    return m.group(1).upper() if m else None
+
+
+# ----------------------------------------------------------------------------- rewards
+
+MAX_ANSWER_CHARS = 300  # longer answers are never parsed symbolically (sympy bombs)
+
+
+def _as_number(text):
+    text = text.strip().replace(",", "").rstrip(".")
+    if re.fullmatch(r"[-+]?(\d+(\.\d*)?|\.\d+)", text):
+        return float(text)
+    return None
+
+
+def answers_match(answer, ground_truth, timeout_s=1):
+    """Exact match, numeric match, then math-verify equivalence (time-bounded). Never raises."""
+    answer, ground_truth = answer.strip(), str(ground_truth).strip()
+    if answer == ground_truth:
+        return True
+    a, g = _as_number(answer), _as_number(ground_truth)
+    if a is not None and g is not None:
+        return math.isclose(a, g, rel_tol=1e-9, abs_tol=1e-9)
+    if not answer or len(answer) > MAX_ANSWER_CHARS:
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from math_verify import parse, verify
+
+            gold = parse(f"${ground_truth}$", parsing_timeout=timeout_s)
+            pred = parse(f"${answer}$", parsing_timeout=timeout_s)
+            return bool(gold and pred and verify(gold, pred, timeout_seconds=timeout_s))
+    except Exception:  # noqa: BLE001 - model output is hostile; a crash is a wrong answer
+        return False
+
+
+def _tagged_answer(response):
+    """The text between the first '</think> <answer>' and the next '</answer>', or None.
+    Two linear scans (a regex rescans the rest of the text at every opening tag)."""
+    opening = response.find("</think> <answer>")
+    if opening < 0:
+        return None
+    start = opening + len("</think> <answer>")
+    end = response.find("</answer>", start)
+    return response[start:end] if end >= 0 else None
+
+
+def r1_zero_reward_fn(response, ground_truth):
+    """Strict r1_zero reward: format ok iff '</think> <answer>' ... '</answer>'; the answer
+    between the tags graded by equivalence; reward 1 only when both are right."""
+    try:
+        answer = _tagged_answer(response[:100_000])
+        if answer is None:
+            return {"format_reward": 0.0, "answer_reward": 0.0, "reward": 0.0}
+        right = answers_match(answer, ground_truth)
+        return {"format_reward": 1.0, "answer_reward": float(right), "reward": float(right)}
+    except Exception:  # noqa: BLE001
+        return {"format_reward": 0.0, "answer_reward": 0.0, "reward": 0.0}
+
+
+def exact_match_reward_fn(response, ground_truth):
+    """For integer tasks: the text between the answer tags (or, without them, the last number)
+    equals the ground truth as a number. format_reward still reports the strict r1_zero format."""
+    try:
+        tagged = _tagged_answer(response[:100_000])
+        answer = tagged if tagged is not None else parse_gsm8k_response(response[:100_000]) or ""
+        a, g = _as_number(answer), _as_number(str(ground_truth))
+        right = a is not None and g is not None and a == g
+        formatted = tagged is not None
+        return {"format_reward": float(formatted), "answer_reward": float(right), "reward": float(formatted and right)}
+    except Exception:  # noqa: BLE001
+        return {"format_reward": 0.0, "answer_reward": 0.0, "reward": 0.0}
+
+
+REWARDS = {"r1_zero": r1_zero_reward_fn, "exact": exact_match_reward_fn}
+
+
+def get_reward_fn(name):
+    """A reward function by name (r1_zero, exact) or by path: 'path/to/file.py:function'.
+    Every reward has the signature (response, ground_truth) -> {reward, format_reward, answer_reward}."""
+    if name in REWARDS:
+        return REWARDS[name]
+    path, sep, fn = name.rpartition(":")
+    if not sep or not path.endswith(".py") or not os.path.exists(path):
+        raise ValueError(f"--reward {name!r}: expected one of {', '.join(REWARDS)} or path/to/file.py:function")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, fn)
+
+
+def summarize_rewards(rewards):
+    """Counts of the three r1_zero categories from a list of reward dicts."""
+    n = max(len(rewards), 1)
+    both = sum(r["format_reward"] == 1 and r["answer_reward"] == 1 for r in rewards)
+    fmt_only = sum(r["format_reward"] == 1 and r["answer_reward"] != 1 for r in rewards)
+    no_fmt = sum(r["format_reward"] != 1 for r in rewards)
+    return {
+        "n": len(rewards),
+        "format_and_answer": both,
+        "format_only": fmt_only,
+        "no_format": no_fmt,
+        "accuracy": both / n,
+        "format_rate": (both + fmt_only) / n,
+    }
