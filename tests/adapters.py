@@ -1,5 +1,5 @@
 """The CS336 (2025) assignment 5 adapter interface: each run_* is a thin call into
-common.py or tasks.py, with exactly the course's names and keyword names."""
+common.py or rewards.py, with exactly the course's names and keyword names."""
 
 import os
 import sys

@@ -7,6 +7,14 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def pytest_configure(config):
+    # The test models are tiny: a second intra-op thread buys nothing, and where another
+    # process shares the 2 cores, spinning OpenMP workers made single tests 10-50x slower.
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The embedded SmolLM2-135M-Instruct as a cached HF directory (converted on first use)."""
@@ -16,10 +24,12 @@ def smollm2_dir():
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer(smollm2_dir):
+def smollm2_tokenizer():
+    """The embedded model's real tokenizer, without converting its weights."""
+    import machine
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(smollm2_dir)
+    return AutoTokenizer.from_pretrained(machine.embedded_tokenizer_dir())
 
 
 def tiny_llama(vocab_size=64, seed=0, **overrides):

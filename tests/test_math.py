@@ -423,7 +423,6 @@ def test_grpo_microbatch_train_step_on_model_populates_grads():
 # ----------------------------------------------------------------------------- tokenization (real tokenizer)
 
 
-@pytest.mark.slow
 def test_tokenize_prompt_and_output(smollm2_tokenizer):
     tok = smollm2_tokenizer
     prompts = ["Hello, world!", "What is 2+2? Think step by step.", "x"]
@@ -484,7 +483,6 @@ def _pick_length(n_tokens):
     raise AssertionError("no suitable length")
 
 
-@pytest.mark.slow
 def test_packed_sft_dataset(smollm2_tokenizer, tmp_path):
     tok = smollm2_tokenizer
     path = _write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS)
@@ -513,7 +511,6 @@ def test_packed_sft_dataset(smollm2_tokenizer, tmp_path):
     assert len(packed) < len(stream), "the tail must be dropped"
 
 
-@pytest.mark.slow
 def test_packed_sft_dataset_shuffle_keeps_documents(smollm2_tokenizer, tmp_path):
     tok = smollm2_tokenizer
     path = _write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS)
@@ -526,7 +523,6 @@ def test_packed_sft_dataset_shuffle_keeps_documents(smollm2_tokenizer, tmp_path)
         assert torch.equal(ds[i]["labels"][:-1], ds[i]["input_ids"][1:])
 
 
-@pytest.mark.slow
 def test_iterate_batches(smollm2_tokenizer, tmp_path):
     tok = smollm2_tokenizer
     path = _write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS)
@@ -566,7 +562,6 @@ DPO_CHOSEN = "Hello! It is nice to meet you."
 DPO_REJECTED = "Go away."
 
 
-@pytest.mark.slow
 def test_per_instance_dpo_loss_matches_independent(smollm2_tokenizer):
     tok = smollm2_tokenizer
     lm, lm_ref = tiny_llama(vocab_size=49152, seed=0), tiny_llama(vocab_size=49152, seed=1)
@@ -590,7 +585,6 @@ def test_per_instance_dpo_loss_matches_independent(smollm2_tokenizer):
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in lm_ref.parameters()), "no gradient to lm_ref"
 
 
-@pytest.mark.slow
 def test_per_instance_dpo_loss_same_model_is_log2(smollm2_tokenizer):
     lm = tiny_llama(vocab_size=49152, seed=2)
     loss = adapters.run_compute_per_instance_dpo_loss(lm, lm, smollm2_tokenizer, 0.1, DPO_PROMPT, DPO_CHOSEN, DPO_REJECTED)
@@ -846,7 +840,6 @@ def test_generate_min_new_tokens_hand():
         assert res["entropy"] == pytest.approx((3 * math.log(63) + h_last) / 4, abs=1e-4)
 
 
-@pytest.mark.slow
 def test_generate_greedy_with_real_tokenizer(smollm2_tokenizer):
     tok = smollm2_tokenizer
     model = tiny_llama(vocab_size=49152, seed=4)

@@ -63,6 +63,7 @@ def test_baseline_writes_generations_and_summary(char_model_dir, tmp_path):
     assert summary["format_and_answer"] + summary["format_only"] + summary["no_format"] == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", [grpo, grpo_mlx])
 @pytest.mark.parametrize("loss_type", ["no_baseline", "reinforce_with_baseline", "grpo_clip", "dr_grpo", "dapo",
                                        "bnpo", "gspo"])
@@ -77,6 +78,7 @@ def test_grpo_learns_a_synthetic_reward(char_model_dir, tmp_path, script, loss_t
     assert last > first + 0.2, (loss_type, rewards)
 
 
+@pytest.mark.slow
 def test_sft_drives_the_loss_down_on_a_fixed_batch(char_model_dir, tmp_path):
     args = sft.parse_args(common_flags(char_model_dir, tmp_path) + [
         "--task", "chain_sum", "--n-train", "4", "--batch-size", "4", "--grad-accum", "1", "--n-steps", "40",
@@ -86,6 +88,7 @@ def test_sft_drives_the_loss_down_on_a_fixed_batch(char_model_dir, tmp_path):
     assert losses[-1] < 0.3 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_grpo_resume_equals_an_uninterrupted_run(char_model_dir, tmp_path):
     """4 straight steps vs. the same run restarted from its step-2 checkpoint: identical weights."""
     import shutil

@@ -1,4 +1,4 @@
-"""Tests of tasks.py: rewards, answer parsing, task splits, JSONL readers and prompts."""
+"""Tests of tasks.py, rewards.py and harness.py: rewards, answer parsing, task splits, JSONL readers, prompts, flags."""
 
 import json
 
