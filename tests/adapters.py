@@ -8,7 +8,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import common  # noqa: E402
 import rewards  # noqa: E402
-import tasks  # noqa: E402
 
 
 def run_tokenize_prompt_and_output(prompt_strs, output_strs, tokenizer):
