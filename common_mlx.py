@@ -344,7 +344,7 @@ def pick_device(name="auto"):
 
 def pick_dtype(name, device):
     """'auto': bf16 on the GPU, fp32 on the CPU (MLX's CPU matmuls run in fp32 through BLAS)."""
-    # (so common.py's _cpu_has_fast_bf16 has no twin here)
+    # (so common.py's _cpu_bf16_speedup has no twin here)
     if name != "auto":
         return {"float32": mx.float32, "fp32": mx.float32, "bfloat16": mx.bfloat16, "bf16": mx.bfloat16,
                 "float16": mx.float16, "fp16": mx.float16}[name]

@@ -109,7 +109,7 @@ def main(args):
     common.set_seed(args.seed)
     os.makedirs(args.out_dir, exist_ok=True)
     model, tokenizer, ckpt = common.load_policy(args)
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    device, dtype = next(model.parameters()).device, model.compute_dtype
     ref_model = common.load_model(args.model, device, dtype, args.cache_dir)[0].eval().requires_grad_(False)
     optimizer, scheduler = common.make_optimizer(model, args.lr, args.weight_decay, (0.9, 0.95), args.warmup_steps,
                                                  args.n_steps)

@@ -145,7 +145,7 @@ def main(args):
     os.makedirs(args.out_dir, exist_ok=True)
     start_model = warm_start(args) if args.warmstart_steps > 0 else args.model
     model, tokenizer, ckpt = common.load_policy(args, start_model)
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    device, dtype = next(model.parameters()).device, model.compute_dtype
     ref_model = None
     if args.beta > 0:
         ref_model = common.load_model(start_model, device, dtype, args.cache_dir)[0].eval().requires_grad_(False)

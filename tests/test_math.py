@@ -865,3 +865,24 @@ def test_a_fully_masked_row_adds_nothing_and_no_nan(loss_type):
     single = {k: v[:1] for k, v in kwargs.items() if torch.is_tensor(v)}
     loss_alone, _ = common.grpo_microbatch_train_step(alone, mask[:1], 1, loss_type, cliprange=0.2, **single)
     assert loss.item() == pytest.approx(loss_alone.item() / 2)  # mean over 2 rows, one of them empty
+
+
+def test_mixed_precision_keeps_fp32_weights_and_log_probs(tiny_model_dir):
+    """--dtype bfloat16: weights (and updates) stay fp32, the body computes in bf16, the
+    output layer in fp32; log-probs stay near the fp32 model's, and a step of lr 1e-5,
+    below a bf16 ulp of most weights, still changes them."""
+    cpu = torch.device("cpu")
+    fp32, _ = common.load_model(tiny_model_dir, cpu, torch.float32)
+    mixed, _ = common.load_model(tiny_model_dir, cpu, torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in mixed.parameters())
+    ids = torch.randint(3, 1000, (2, 12))
+    exact = common.get_response_log_probs(fp32, ids[:, :-1], ids[:, 1:])["log_probs"]
+    out = common.get_response_log_probs(mixed, ids[:, :-1], ids[:, 1:])["log_probs"]
+    assert out.dtype == torch.float32 and not torch.equal(out, exact)  # bf16 really ran
+    torch.testing.assert_close(out, exact, atol=0.05, rtol=0)
+    before = [p.detach().clone() for p in mixed.parameters()]
+    optimizer, scheduler = common.make_optimizer(mixed, lr=1e-5)
+    (-out.sum()).backward()
+    common.optimizer_step(mixed, optimizer, scheduler, max_grad_norm=1.0)
+    changed = sum(not torch.equal(a, p) for a, p in zip(before, mixed.parameters()))
+    assert changed == len(before)
