@@ -6,7 +6,8 @@ framework, its threads) never leaks into another.
     python bench.py                          # every section
     python bench.py --only blas              # MLX matmul: bundled reference BLAS vs load_fast_blas()
     python bench.py --only blas --sizes 256 1024 --repeats 50
-    python bench.py --only rollouts          # MLX sampler (common_mlx.generate) vs mlx_lm.batch_generate
+    python bench.py --only rollouts          # our samplers vs transformers' generate and mlx_lm.batch_generate
+    python bench.py --only grpo sft          # a GRPO / SFT step vs TRL's trainers, fp32 and bf16
 """
 
 import argparse
@@ -16,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 
 import harness
 import machine
@@ -29,6 +31,7 @@ warmup = 3
 repeats = 20  # timings are the median of this many runs
 n_prompts = 8  # rollouts: r1_zero chain_sum prompts, each sampled to exactly max_new_tokens
 max_new_tokens = 64
+train_steps = 4  # grpo / sft: steps per run (the first is dropped as warm-up)
 
 
 def parse_args(argv=None):
@@ -43,6 +46,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("rollouts")
     g.add_argument("--n-prompts", type=int, default=n_prompts)
     g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    g = p.add_argument_group("grpo / sft (vs TRL)")
+    g.add_argument("--train-steps", type=int, default=train_steps)
     return p.parse_args(argv)
 
 
@@ -157,16 +162,200 @@ def mlx_rollout_tokens_per_s(n_prompts, max_new_tokens, repeats, cache=None):
     print(json.dumps(result))
 
 
+def torch_rollout_tokens_per_s(n_prompts, max_new_tokens, repeats, dtype, cache=None):
+    """Child process: generated tokens/s of common.generate and of transformers' generate on
+    the same prompts and weights, sampling at temperature 1, exactly max_new_tokens each.
+    dtype bfloat16: ours keeps fp32 weights under autocast, HF gets bf16 weights."""
+    import torch
+
+    import common
+
+    device = torch.device("cpu")
+    model, tokenizer = common.load_model(machine.DEFAULT_MODEL, device, getattr(torch, dtype), cache)
+    hf_model = common.load_model(machine.DEFAULT_MODEL, device, torch.float32, cache)[0].to(getattr(torch, dtype))
+    prompts = [tasks.r1_zero_prompt(ex["question"]) for ex in tasks.task_split("chain_sum", "eval", n_prompts)]
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+    def ours():
+        out = common.generate(model, tokenizer, prompts,
+                              harness.Sampling(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens))
+        return sum(len(o["response_ids"]) for o in out)
+
+    def theirs():
+        with torch.no_grad():
+            out = hf_model.generate(**encoded, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                    max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                    pad_token_id=tokenizer.pad_token_id)
+        return (out.shape[1] - encoded["input_ids"].shape[1]) * out.shape[0]
+
+    result = {}
+    for name, fn in (("ours", ours), ("hf", theirs)):
+        fn()  # warm-up
+        rates = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            n = fn()
+            rates.append(n / (time.perf_counter() - t0))
+        result[name] = statistics.median(rates)
+    print(json.dumps(result))
+
+
 def bench_rollouts(args):
     repeats = max(1, min(args.repeats, 3))
+    rows = []
+    for dtype in ("float32", "bfloat16"):
+        r = run_child(f"torch_rollout_tokens_per_s({args.n_prompts}, {args.max_new_tokens}, {repeats}, {dtype!r}, "
+                      f"{args.cache_dir!r})")
+        rows += [[f"common.generate {dtype}", f"{r['ours']:.0f}", f"{r['ours'] / r['hf']:.2f}x"],
+                 [f"transformers generate {dtype}", f"{r['hf']:.0f}", "1.00x"]]
     r = run_child(f"mlx_rollout_tokens_per_s({args.n_prompts}, {args.max_new_tokens}, {repeats}, {args.cache_dir!r})")
-    rows = [["common_mlx.generate", f"{r['ours']:.0f}", f"{r['ours'] / r['mlx_lm']:.2f}x"],
-            ["mlx_lm.batch_generate", f"{r['mlx_lm']:.0f}", "1.00x"]]
-    print_table(f"rollouts: SmolLM2-135M fp32, {args.n_prompts} prompts x {args.max_new_tokens} new tokens, "
-                f"median of {repeats}", ["MLX sampler", "tokens/s", "vs mlx_lm"], rows)
+    rows += [["common_mlx.generate float32", f"{r['ours']:.0f}", f"{r['ours'] / r['mlx_lm']:.2f}x"],
+             ["mlx_lm.batch_generate float32", f"{r['mlx_lm']:.0f}", "1.00x"]]
+    print_table(f"rollouts: SmolLM2-135M, {args.n_prompts} chain_sum prompts x exactly {args.max_new_tokens} new "
+                f"tokens, T=1, median of {repeats}", ["sampler", "tokens/s", "vs the library's"], rows)
+
+# ----------------------------------------------------------------------------- training steps vs TRL
 
 
-SECTIONS = {"blas": bench_blas, "rollouts": bench_rollouts}
+def _step_times_from_metrics(path):
+    """step_s of every training row of a metrics.jsonl, first (warm-up) step dropped."""
+    rows = [json.loads(line) for line in open(path)]
+    return [r["step_s"] for r in rows if "step_s" in r][1:]
+
+
+def ours_grpo_step(n_steps, n_prompts, group_size, max_new_tokens, dtype, cache=None):
+    """Child process: grpo.py seconds per step, exactly max_new_tokens per completion, beta 0."""
+    import tempfile
+
+    import grpo
+
+    out = tempfile.mkdtemp(prefix="bench-grpo-")
+    argv = ["--n-steps", str(n_steps), "--rollout-batch-size", str(n_prompts * group_size), "--group-size",
+            str(group_size), "--grad-accum", "1", "--max-new-tokens", str(max_new_tokens), "--min-new-tokens",
+            str(max_new_tokens), "--warmstart-steps", "0", "--eval-every", "0", "--save-every", "0", "--n-eval", "1",
+            "--task", "basic_arithmetic", "--dtype", dtype, "--out-dir", out] + (["--cache-dir", cache] if cache else [])
+    grpo.main(grpo.parse_args(argv))
+    print(json.dumps({"step_s": _step_times_from_metrics(os.path.join(out, "metrics.jsonl")),
+                      "peak_rss_gb": harness.peak_rss_gb()}))
+
+
+def trl_grpo_step(n_steps, n_prompts, group_size, max_new_tokens, dtype, cache=None):
+    """Child process: TRL GRPOTrainer seconds per step on the same model, task, prompt, reward
+    and sizes (one generation batch and one optimizer step per step, beta 0)."""
+    import tempfile
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    import rewards
+
+    path = machine.resolve_model(machine.DEFAULT_MODEL, cache)
+    examples = tasks.task_split("basic_arithmetic", "train", 64)
+    data = Dataset.from_list([{"prompt": tasks.r1_zero_prompt(ex["question"]), "answer": ex["answer"]}
+                              for ex in examples])
+
+    def reward(completions, answer, **kwargs):
+        return [rewards.r1_zero_reward_fn(c, a)["reward"] for c, a in zip(completions, answer)]
+
+    class Clock(TrainerCallback):
+        ends = []
+
+        def on_step_end(self, *a, **k):
+            self.ends.append(time.perf_counter())
+
+    config = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench-trl-"), per_device_train_batch_size=n_prompts * group_size,
+        num_generations=group_size, max_completion_length=max_new_tokens, max_steps=n_steps, learning_rate=1e-5,
+        gradient_accumulation_steps=1, beta=0.0, bf16=dtype == "bfloat16", use_cpu=True, report_to=[],
+        logging_steps=1000, save_strategy="no", generation_kwargs={"min_new_tokens": max_new_tokens}, seed=0)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=data,
+                          processing_class=tokenizer, callbacks=[Clock()])
+    start = time.perf_counter()
+    trainer.train()
+    ends = [start] + Clock.ends
+    print(json.dumps({"step_s": [b - a for a, b in zip(ends, ends[1:])][1:], "peak_rss_gb": harness.peak_rss_gb()}))
+
+
+def ours_sft_step(n_steps, batch_size, dtype, cache=None):
+    """Child process: sft.py seconds per step, completion-only, gsm_symbolic traces."""
+    import tempfile
+
+    import sft
+
+    out = tempfile.mkdtemp(prefix="bench-sft-")
+    argv = ["--n-steps", str(n_steps), "--batch-size", str(batch_size), "--grad-accum", "1", "--task", "gsm_symbolic",
+            "--warmup-steps", "0", "--n-eval", "1", "--max-new-tokens", "1", "--dtype", dtype, "--out-dir", out]
+    sft.main(sft.parse_args(argv + (["--cache-dir", cache] if cache else [])))
+    print(json.dumps({"step_s": _step_times_from_metrics(os.path.join(out, "metrics.jsonl")),
+                      "peak_rss_gb": harness.peak_rss_gb()}))
+
+
+def trl_sft_step(n_steps, batch_size, dtype, cache=None):
+    """Child process: TRL SFTTrainer seconds per step on the same (prompt, completion) pairs,
+    completion-only loss, max length 512."""
+    import tempfile
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    path = machine.resolve_model(machine.DEFAULT_MODEL, cache)
+    args = types.SimpleNamespace(train_data="", task="gsm_symbolic", n_train=batch_size * (n_steps + 1))
+    data = Dataset.from_list([{"prompt": p, "completion": r} for p, r in tasks.sft_pairs(args)])
+
+    class Clock(TrainerCallback):
+        ends = []
+
+        def on_step_end(self, *a, **k):
+            self.ends.append(time.perf_counter())
+
+    config = SFTConfig(output_dir=tempfile.mkdtemp(prefix="bench-trl-sft-"), per_device_train_batch_size=batch_size,
+                       max_steps=n_steps, learning_rate=5e-5, completion_only_loss=True, max_length=512,
+                       bf16=dtype == "bfloat16", use_cpu=True, report_to=[], logging_steps=1000, save_strategy="no",
+                       seed=0)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=data,
+                         processing_class=AutoTokenizer.from_pretrained(path), callbacks=[Clock()])
+    start = time.perf_counter()
+    trainer.train()
+    ends = [start] + Clock.ends
+    print(json.dumps({"step_s": [b - a for a, b in zip(ends, ends[1:])][1:], "peak_rss_gb": harness.peak_rss_gb()}))
+
+
+def _vs_trl(title, calls, args):
+    """Run each (label, child call) in a fresh process, alternating, and print one table."""
+    results = {label: run_child(call) for label, call in calls}
+    trl_best = min(statistics.median(r["step_s"]) for label, r in results.items() if label.startswith("TRL"))
+    rows = [[label, f"{statistics.median(r['step_s']):.1f}", f"{trl_best / statistics.median(r['step_s']):.2f}x",
+             f"{r['peak_rss_gb']:.1f}"] for label, r in results.items()]
+    print_table(title, ["", "s/step (median)", "vs best TRL", "peak RSS GB"], rows)
+
+
+def bench_grpo(args):
+    n, p, g, t = args.train_steps, 2, 4, args.max_new_tokens
+    calls = [(f"{who} {dtype}", f"{fn}({n}, {p}, {g}, {t}, {dtype!r}, {args.cache_dir!r})")
+             for dtype in ("float32", "bfloat16") for who, fn in (("grpo.py", "ours_grpo_step"),
+                                                                   ("TRL GRPOTrainer", "trl_grpo_step"))]
+    calls.insert(0, ("grpo.py auto", f"ours_grpo_step({n}, {p}, {g}, {t}, 'auto', {args.cache_dir!r})"))
+    _vs_trl(f"grpo: one step = {p} prompts x {g} completions x exactly {t} new tokens + one update, beta 0, "
+            f"{n} steps, first dropped", calls, args)
+
+
+def bench_sft(args):
+    n, b = args.train_steps, 4
+    calls = [(f"{who} {dtype}", f"{fn}({n}, {b}, {dtype!r}, {args.cache_dir!r})")
+             for dtype in ("float32", "bfloat16") for who, fn in (("sft.py", "ours_sft_step"),
+                                                                  ("TRL SFTTrainer", "trl_sft_step"))]
+    _vs_trl(f"sft: one step = {b} gsm_symbolic traces, completion-only loss, {n} steps, first dropped", calls, args)
+
+
+SECTIONS = {"blas": bench_blas, "rollouts": bench_rollouts, "grpo": bench_grpo, "sft": bench_sft}
 
 
 def main(args):

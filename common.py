@@ -575,10 +575,10 @@ def add_lora(model, rank, alpha=None, dropout=0.0):
 
 
 def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.95), warmup_steps=0, total_steps=1):
-    """AdamW on the trainable parameters + linear warmup then cosine decay to 10% of lr."""
+    """AdamW (fused) on the trainable parameters + linear warmup then cosine decay to 10% of lr."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas,
-                                  foreach=params[0].device.type != "cpu" or None)
+    # fused: one kernel over all parameters (on 2 CPU cores 0.1 s a step instead of 0.33 s)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: harness.lr_factor(s, warmup_steps, total_steps))
     return optimizer, scheduler
 

@@ -248,7 +248,8 @@ def main(args):
                "clip_frac": sum(stats["clip_frac"]) / len(stats["clip_frac"]),
                "kl": sum(stats["kl"]) / len(stats["kl"]), "grad_norm": max(stats["grad_norm"]),
                "lr": scheduler(optimizer.step).item(), "rollout_tok_s": lengths.sum().item() / t_rollout,
-               "train_tok_s": n_train_tokens / t_train, "step_s": time.perf_counter() - t0}
+               "train_tok_s": n_train_tokens / t_train, "step_s": time.perf_counter() - t0,
+               "peak_rss_gb": harness.peak_rss_gb()}
         log(row)
         bar.set_postfix(reward=f"{row['reward']:.2f}", fmt=f"{row['format_reward']:.2f}", len=f"{row['response_len']:.0f}",
                         s=f"{row['step_s']:.0f}")

@@ -133,6 +133,15 @@ def latest_checkpoint(out_dir):
 # ----------------------------------------------------------------------------- logging
 
 
+def peak_rss_gb():
+    """The process's peak resident memory so far, GB (logged with every step)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)  # bytes on macOS, KiB on Linux
+
+
 def print_summary(summary, title):
     n = max(summary["n"], 1)
     lines = [

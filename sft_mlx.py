@@ -115,7 +115,8 @@ def main(args):
         grad_norm = common.optimizer_step(model, optimizer, grads, args.max_grad_norm)  # evaluates the step
         total_loss = sum(loss.item() for loss in losses)
         row = {"step": step + 1, "loss": total_loss, "grad_norm": grad_norm, "lr": scheduler(optimizer.step).item(),
-               "train_tok_s": n_tokens / (time.perf_counter() - t0), "step_s": time.perf_counter() - t0}
+               "train_tok_s": n_tokens / (time.perf_counter() - t0), "step_s": time.perf_counter() - t0,
+               "peak_rss_gb": harness.peak_rss_gb()}
         log(row)
         bar.set_postfix(loss=f"{total_loss:.3f}", s=f"{row['step_s']:.1f}")
         if harness.due(step + 1, args.eval_every, args.n_steps):
