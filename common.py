@@ -692,10 +692,18 @@ def optimizer_step(model, optimizer, scheduler, max_grad_norm):
 
 
 def evaluate_and_log(model, tokenizer, examples, args, step, log):
-    """Greedy held-out evaluation, logged and printed (harness.record_eval). Returns the summary."""
+    """Greedy held-out evaluation, logged and printed (harness.record_eval); with
+    --eval-samples k, also k samples per question at the run's sampling settings: mean@k,
+    pass@k, mixed share and entropy (harness.sample_stats). Returns the summary."""
+    reward_fn = rewards.get_reward_fn(args.reward)
     greedy = harness.Sampling(max_new_tokens=args.max_new_tokens, temperature=0.0)
-    rows, summary = evaluate(model, tokenizer, examples, rewards.get_reward_fn(args.reward), greedy,
-                             batch_size=args.eval_batch_size, desc=f"eval@{step}")
+    rows, summary = evaluate(model, tokenizer, examples, reward_fn, greedy, batch_size=args.eval_batch_size,
+                             desc=f"eval@{step}")
+    if args.eval_samples > 0:
+        k = args.eval_samples
+        sampled, _ = evaluate(model, tokenizer, [ex for ex in examples for _ in range(k)], reward_fn,
+                              harness.Sampling.from_args(args), batch_size=args.eval_batch_size, desc=f"samples@{step}")
+        summary.update(harness.sample_stats(sampled, k))
     return harness.record_eval(rows, summary, args.out_dir, step, log)
 
 

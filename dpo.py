@@ -57,6 +57,7 @@ repetition_penalty = 1.0
 n_eval = 200  # held-out items per evaluation
 eval_batch_size = 64
 eval_every = 0  # steps between held-out evaluations (0: only at the end)
+eval_samples = 0  # k > 0: also k samples per held-out question (sampling settings): mean@k, pass@k, entropy
 save_every = 0  # steps between checkpoints (0: only the final model)
 resume = False  # continue the run in --out-dir from its latest checkpoint
 wandb = False  # also log to Weights & Biases

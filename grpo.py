@@ -19,6 +19,7 @@ Deviations from R1-Zero, on purpose:
     uv run python grpo.py --model runs/sft/final --warmstart-steps 0 --beta 0.04
 """
 
+import functools
 import os
 import time
 
@@ -52,6 +53,8 @@ beta = 0.0  # KL(k3) to the start model; 0: no reference model is loaded
 scale_rewards = "group"  # divide advantages by the group's std, the batch's, or none (Dr. GRPO: none)
 advantage_eps = 1e-6
 mask_truncated = False  # no loss on completions cut at max_new_tokens
+dynamic_sampling = False  # DAPO: drop groups whose rewards are all equal (no gradient), sample more to refill
+max_sampling_rounds = 3  # with --dynamic-sampling: at most this many rollout rounds per step
 # optimization
 lr = 1e-5
 batch_size = 0  # rollouts per optimizer step (0: the whole rollout batch, one step)
@@ -73,6 +76,7 @@ repetition_penalty = 1.0
 n_eval = 200  # held-out items per evaluation
 eval_batch_size = 64
 eval_every = 20  # steps between held-out evaluations (0: only at the end)
+eval_samples = 0  # k > 0: also k samples per held-out question (sampling settings): mean@k, pass@k, entropy
 save_every = 20  # steps between checkpoints (0: only the final model)
 resume = False  # continue the run in --out-dir from its latest checkpoint
 wandb = False  # also log to Weights & Biases
@@ -155,7 +159,8 @@ def main(args):
                                                  total_optimizer_steps)
     train_examples = tasks.load_examples(args, "train", args.n_train)
     eval_examples = tasks.load_examples(args, "eval", args.n_eval)
-    reward_fn = rewards.get_reward_fn(args.reward)
+    # each (response, answer) is graded once, though dynamic sampling grades before the advantages do
+    reward_fn = functools.lru_cache(maxsize=4096)(rewards.get_reward_fn(args.reward))
     sampling = harness.Sampling.from_args(args)
     start_step, cursor = common.resume(ckpt, model, optimizer, scheduler)
     log = harness.MetricsLog(args.out_dir, args.wandb, vars(args))
@@ -168,14 +173,27 @@ def main(args):
     bar = tqdm(range(start_step, args.n_steps), desc="grpo", initial=start_step, total=args.n_steps)
     for step in bar:
         t0 = time.perf_counter()
-        # ---- rollouts: group_size samples for each question
-        questions = harness.take(train_examples, cursor, args.rollout_batch_size // args.group_size, args.seed)
-        cursor += len(questions)
-        prompts = [tasks.r1_zero_prompt(q["question"]) for q in questions for _ in range(args.group_size)]
-        answers = [q["answer"] for q in questions for _ in range(args.group_size)]
-        model.eval()
-        rollouts = common.generate(model, tokenizer, prompts, sampling, batch_size=args.rollout_batch_size)
-        model.train()
+        # ---- rollouts: group_size samples for each question, graded
+        def sample_groups(n_questions):
+            nonlocal cursor
+            questions = harness.take(train_examples, cursor, n_questions, args.seed)
+            cursor += n_questions
+            prompts = [tasks.r1_zero_prompt(q["question"]) for q in questions for _ in range(args.group_size)]
+            answers = [q["answer"] for q in questions for _ in range(args.group_size)]
+            model.eval()
+            rollouts = common.generate(model, tokenizer, prompts, sampling, batch_size=args.rollout_batch_size)
+            model.train()
+            for r, answer in zip(rollouts, answers):
+                r["answer"] = answer
+            return rollouts, [reward_fn(r["response"], r["answer"]) for r in rollouts]
+
+        n_groups, sampled = args.rollout_batch_size // args.group_size, {}
+        if args.dynamic_sampling:
+            rollouts, _, sampled = harness.dynamic_sample(sample_groups, n_groups, args.group_size,
+                                                          args.max_sampling_rounds)
+        else:
+            rollouts, _ = sample_groups(n_groups)
+        answers = [r["answer"] for r in rollouts]
         t_rollout = time.perf_counter() - t0
 
         # ---- rewards -> advantages: A = (r - mean_group) [/ std]
@@ -242,7 +260,7 @@ def main(args):
                "kl": sum(stats["kl"]) / len(stats["kl"]), "grad_norm": max(stats["grad_norm"]),
                "lr": scheduler.get_last_lr()[0], "rollout_tok_s": lengths.sum().item() / t_rollout,
                "train_tok_s": n_train_tokens / t_train, "step_s": time.perf_counter() - t0,
-               "peak_rss_gb": harness.peak_rss_gb()}
+               "peak_rss_gb": harness.peak_rss_gb(), **sampled}
         log(row)
         bar.set_postfix(reward=f"{row['reward']:.2f}", fmt=f"{row['format_reward']:.2f}", len=f"{row['response_len']:.0f}",
                         s=f"{row['step_s']:.0f}")

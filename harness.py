@@ -182,17 +182,59 @@ def write_jsonl(path, rows, mode="w"):
             f.write(json.dumps(row) + "\n")
 
 
+def sample_stats(rows, k):
+    """What k samples per question (consecutive rows, graded) say about headroom: mean@k
+    (= pass@1 at the sampling temperature), pass@k, the share of questions whose k samples
+    are mixed (some right, some wrong: the groups GRPO learns from), their format rate and
+    mean per-token entropy."""
+    import rewards
+
+    right = [sum(r["reward"] == 1 for r in rows[i : i + k]) for i in range(0, len(rows), k)]
+    return {"mean_at_k": sum(right) / len(rows), "pass_at_k": sum(rewards.pass_at_k(k, c, k) for c in right) / len(right),
+            "mixed_frac": sum(0 < c < k for c in right) / len(right),
+            "sample_format_rate": sum(r["format_reward"] == 1 for r in rows) / len(rows),
+            "sample_entropy": sum(r["entropy"] for r in rows) / len(rows), "k": k}
+
+
 def record_eval(rows, summary, out_dir, step, log):
-    """A held-out evaluation's trace: accuracy and format rate to the metrics log, the first
-    16 generations (prompt, response, reward parts, entropy, length) to eval_samples.jsonl,
-    one line to the terminal. Returns the summary."""
+    """A held-out evaluation's trace: accuracy and format rate (and, after sampling, mean@k,
+    pass@k, mixed share, entropy) to the metrics log, the first 16 generations (prompt,
+    response, reward parts, entropy, length) to eval_samples.jsonl, one line to the
+    terminal. Returns the summary."""
     write_jsonl(os.path.join(out_dir, "eval_samples.jsonl"), [{"step": step, **r} for r in rows[:16]], "a")
-    log({"step": step, "eval_accuracy": summary["accuracy"], "eval_format_rate": summary["format_rate"]})
+    sampled = {f"eval_{key}": summary[key] for key in ("mean_at_k", "pass_at_k", "mixed_frac", "sample_format_rate",
+                                                        "sample_entropy") if key in summary}
+    log({"step": step, "eval_accuracy": summary["accuracy"], "eval_format_rate": summary["format_rate"], **sampled})
     from tqdm import tqdm
 
-    tqdm.write(f"step {step}: held-out accuracy {summary['accuracy']:.1%} format {summary['format_rate']:.1%} "
-               f"(n={summary['n']})")
+    line = f"step {step}: held-out accuracy {summary['accuracy']:.1%} format {summary['format_rate']:.1%}"
+    if sampled:
+        line += (f"; {summary['k']} samples each: mean@k {summary['mean_at_k']:.1%} pass@k {summary['pass_at_k']:.1%} "
+                 f"mixed {summary['mixed_frac']:.1%} entropy {summary['sample_entropy']:.3f}")
+    tqdm.write(line + f" (n={summary['n']})")
     return summary
+
+
+def dynamic_sample(sample_groups, n_groups, group_size, max_rounds):
+    """DAPO's dynamic sampling. sample_groups(n) -> (rollouts, scores) for n new questions,
+    group_size of each, consecutive. A group whose rewards are all equal has zero advantage
+    and adds no gradient: it is dropped and more questions are sampled, for at most
+    max_rounds rounds; if the batch is still short it is topped up with dropped groups, so
+    every step trains on n_groups groups. Returns rollouts, scores, {generated, kept}."""
+    kept, dropped, generated = [], [], 0
+    for _ in range(max_rounds):
+        if len(kept) == n_groups:
+            break
+        rollouts, scores = sample_groups(n_groups - len(kept))
+        generated += len(rollouts) // group_size
+        for i in range(0, len(rollouts), group_size):
+            group = (rollouts[i : i + group_size], scores[i : i + group_size])
+            mixed = len({s["reward"] for s in group[1]}) > 1
+            (kept if mixed and len(kept) < n_groups else dropped).append(group)
+    n_mixed = len(kept)
+    groups = kept + dropped[: n_groups - len(kept)]
+    return ([r for g in groups for r in g[0]], [s for g in groups for s in g[1]],
+            {"groups_generated": generated, "groups_mixed_kept": n_mixed})
 
 
 def write_summary(summary, out_dir, title):

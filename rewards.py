@@ -136,3 +136,12 @@ def summarize_rewards(rewards):
         "accuracy": both / n,
         "format_rate": (both + fmt_only) / n,
     }
+
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k of one question from n samples of which c are right (Chen et al.
+    2021): 1 - C(n-c, k) / C(n, k), the chance that k of the n, drawn without
+    replacement, include a right one."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)

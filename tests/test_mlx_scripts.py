@@ -43,7 +43,7 @@ def test_metric_names_match_the_torch_twins(char_model_dir, tmp_path):
         script.main(script.parse_args(common_flags(char_model_dir, out) + extra))
         return set().union(*(r.keys() for r in rows(out / "metrics.jsonl")))
 
-    flags = GRPO_FLAGS + ["--n-steps", "1", "--beta", "0.1"]
+    flags = GRPO_FLAGS + ["--n-steps", "1", "--beta", "0.1", "--dynamic-sampling", "--eval-samples", "2"]
     assert names(grpo, flags) == names(grpo_mlx, flags)
     flags = ["--task", "chain_sum", "--n-steps", "1", "--batch-size", "4"]
     assert names(sft, flags) == names(sft_mlx, flags)

@@ -1,0 +1,101 @@
+"""What the RL loop measures and how it picks its batch: pass@k, the sample statistics of
+an evaluation, DAPO's dynamic sampling; and both GRPO twins running with them on."""
+
+import itertools
+import json
+
+import pytest
+
+import grpo
+import grpo_mlx
+import harness
+import rewards
+from test_scripts import SEVENS, common_flags
+
+
+@pytest.mark.parametrize("n, c, k", [(4, 1, 2), (5, 2, 3), (8, 0, 4), (8, 8, 1), (6, 3, 6), (3, 1, 1)])
+def test_pass_at_k_equals_a_count_over_every_draw(n, c, k):
+    samples = [1] * c + [0] * (n - c)
+    draws = list(itertools.combinations(range(n), k))
+    expected = sum(any(samples[i] for i in d) for d in draws) / len(draws)
+    assert rewards.pass_at_k(n, c, k) == pytest.approx(expected)
+
+
+def test_pass_at_k_by_hand():
+    assert rewards.pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 3 of the 6 pairs hold the right one
+    assert rewards.pass_at_k(10, 0, 5) == 0.0
+
+
+def row(reward, fmt=1.0, entropy=0.5):
+    return {"reward": reward, "format_reward": fmt, "entropy": entropy}
+
+
+def test_sample_stats_by_hand():
+    # 3 questions x k=2: (right, wrong), (wrong, wrong, no format), (right, right)
+    rows = [row(1), row(0), row(0), row(0, fmt=0.0, entropy=1.5), row(1), row(1)]
+    stats = harness.sample_stats(rows, 2)
+    assert stats["mean_at_k"] == pytest.approx(3 / 6)
+    assert stats["pass_at_k"] == pytest.approx(2 / 3)
+    assert stats["mixed_frac"] == pytest.approx(1 / 3)
+    assert stats["sample_format_rate"] == pytest.approx(5 / 6)
+    assert stats["sample_entropy"] == pytest.approx((0.5 * 5 + 1.5) / 6)
+
+
+class Sampler:
+    """A fake rollout source: question i's group rewards are patterns[i] (a list of G)."""
+
+    def __init__(self, patterns):
+        self.patterns, self.next, self.calls = patterns, 0, []
+
+    def __call__(self, n):
+        self.calls.append(n)
+        rollouts, scores = [], []
+        for q in range(self.next, self.next + n):
+            for j, r in enumerate(self.patterns[q % len(self.patterns)]):
+                rollouts.append({"question": q, "j": j})
+                scores.append({"reward": float(r)})
+        self.next += n
+        return rollouts, scores
+
+
+def groups_of(rollouts, scores, g):
+    return [(rollouts[i]["question"], [s["reward"] for s in scores[i : i + g]]) for i in range(0, len(rollouts), g)]
+
+
+def test_dynamic_sampling_keeps_only_mixed_groups_when_there_are_enough():
+    # questions alternate all-right, mixed, all-wrong, mixed: 2 mixed in every 4
+    sampler = Sampler([[1, 1], [1, 0], [0, 0], [0, 1]])
+    rollouts, scores, stats = harness.dynamic_sample(sampler, n_groups=4, group_size=2, max_rounds=5)
+    groups = groups_of(rollouts, scores, 2)
+    assert len(groups) == 4 and all(len(set(r)) > 1 for _, r in groups)
+    assert stats == {"groups_generated": sum(sampler.calls), "groups_mixed_kept": 4}
+    assert sampler.calls == [4, 2, 1, 1]  # each round asks only for the groups still missing
+
+
+def test_dynamic_sampling_respects_its_cap_and_keeps_the_batch_full():
+    sampler = Sampler([[1, 1, 1], [0, 0, 0], [0, 0, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0]])  # 1 mixed in 6
+    rollouts, scores, stats = harness.dynamic_sample(sampler, n_groups=3, group_size=3, max_rounds=2)
+    assert len(sampler.calls) == 2 and sum(sampler.calls) == stats["groups_generated"]
+    groups = groups_of(rollouts, scores, 3)
+    assert len(groups) == 3  # topped up with dropped groups
+    assert stats["groups_mixed_kept"] == sum(len(set(r)) > 1 for _, r in groups)
+    # every mixed group that was generated is in the batch
+    generated_mixed = sum(len(set(p)) > 1 for q, p in enumerate(sampler.patterns * 2) if q < sampler.next)
+    assert stats["groups_mixed_kept"] == generated_mixed >= 1
+    assert groups[0][1] == [1, 0, 0]  # the mixed group first, then the top-up
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", [grpo, grpo_mlx])
+def test_grpo_runs_with_dynamic_sampling_and_eval_samples(char_model_dir, tmp_path, script):
+    args = script.parse_args(common_flags(char_model_dir, tmp_path) + [
+        "--reward", SEVENS.replace(":sevens", ":coin"), "--n-steps", "2", "--rollout-batch-size", "8", "--group-size",
+        "4", "--grad-accum", "2", "--warmstart-steps", "0", "--dynamic-sampling", "--max-sampling-rounds", "2",
+        "--eval-samples", "3", "--eval-every", "1", "--save-every", "0"])
+    script.main(args)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    steps = [r for r in rows if "groups_generated" in r]
+    assert len(steps) == 2 and all(2 <= r["groups_generated"] <= 4 for r in steps)
+    evals = [r for r in rows if "eval_pass_at_k" in r]
+    assert len(evals) == 3  # steps 0, 1, 2
+    assert all(r["eval_mean_at_k"] <= r["eval_pass_at_k"] for r in evals)
