@@ -58,20 +58,22 @@ def compute_entropy(logits):
     return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z.masked_fill(z.isinf(), 0)).sum(-1)
 
 
-def get_response_log_probs(model, input_ids, labels, return_token_entropy=False, shared_prefix=0):
+def get_response_log_probs(model, input_ids, labels, return_token_entropy=False, shared_prefix=0, temperature=1.0):
     """log p(labels | prefix) under a causal LM. input_ids, labels (B, T) -> log_probs (B, T)
     [and token_entropy (B, T)]. log p = z[label] - logsumexp(z), no full log-softmax copy.
     shared_prefix=K (rows identical in their first K tokens, e.g. the r1_zero instructions):
     those K tokens go through the model once and their KV cache is shared by every row;
-    same result, gradients included, at a fraction of the cost."""
+    same result, gradients included, at a fraction of the cost. temperature=T: log-probs of
+    softmax(z / T), the distribution a rollout at temperature T was sampled from, so that
+    the policy gradient is that of the sampling policy (1.0: the model's own)."""
     if shared_prefix <= 0:
-        return _log_probs_from_logits(model(input_ids).logits, labels, return_token_entropy)
+        return _log_probs_from_logits(_tempered(model(input_ids).logits, temperature), labels, return_token_entropy)
     from transformers import DynamicCache
 
     B, K, cache = input_ids.shape[0], shared_prefix, DynamicCache()
-    head = model(input_ids[:1, :K], past_key_values=cache, use_cache=True).logits[0].float()  # (K, V)
+    head = _tempered(model(input_ids[:1, :K], past_key_values=cache, use_cache=True).logits[0].float(), temperature)  # (K, V)
     cache.batch_repeat_interleave(B)  # differentiable copy: gradients flow back into the prefix
-    tail = model(input_ids[:, K:], past_key_values=cache, use_cache=True).logits  # (B, T-K, V)
+    tail = _tempered(model(input_ids[:, K:], past_key_values=cache, use_cache=True).logits, temperature)  # (B, T-K, V)
     # the prefix positions' distributions are the same in every row: normalize them once
     head_log_probs = head[torch.arange(K), labels[:, :K]] - torch.logsumexp(head, dim=-1)  # (B, K)
     out = _log_probs_from_logits(tail, labels[:, K:], return_token_entropy)
@@ -80,6 +82,11 @@ def get_response_log_probs(model, input_ids, labels, return_token_entropy=False,
         with torch.no_grad():
             out["token_entropy"] = torch.cat([compute_entropy(head).expand(B, K), out["token_entropy"]], 1)
     return out
+
+
+def _tempered(logits, temperature):
+    """logits / T; T = 0 (greedy decoding) samples from no distribution: the model's own is used."""
+    return logits if temperature in (0, 1) else logits / temperature
 
 
 def _log_probs_from_logits(logits, labels, return_token_entropy):

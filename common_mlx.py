@@ -64,21 +64,23 @@ def compute_entropy(logits):
     return mx.logsumexp(z, axis=-1) - (mx.softmax(z, axis=-1) * mx.where(mx.isinf(z), 0, z)).sum(-1)
 
 
-def get_response_log_probs(model, input_ids, labels, return_token_entropy=False, shared_prefix=0):
+def get_response_log_probs(model, input_ids, labels, return_token_entropy=False, shared_prefix=0, temperature=1.0):
     """log p(labels | prefix) under an mlx-lm causal LM. input_ids, labels (B, T) -> log_probs
     (B, T) [and token_entropy (B, T)]. log p = z[label] - logsumexp(z), no full log-softmax copy.
     shared_prefix=K (rows identical in their first K tokens, e.g. the r1_zero instructions):
     those K tokens go through the model once and their KV cache is shared by every row;
-    same result, gradients included, at a fraction of the cost."""
+    same result, gradients included, at a fraction of the cost. temperature=T: log-probs of
+    softmax(z / T), the distribution a rollout at temperature T was sampled from, so that
+    the policy gradient is that of the sampling policy (1.0: the model's own)."""
     if shared_prefix <= 0:
-        return _log_probs_from_logits(model(input_ids), labels, return_token_entropy)
+        return _log_probs_from_logits(_tempered(model(input_ids), temperature), labels, return_token_entropy)
     from mlx_lm.models.cache import make_prompt_cache
 
     B, K, cache = input_ids.shape[0], shared_prefix, make_prompt_cache(model)
-    head = model(input_ids[:1, :K], cache=cache)[0].astype(mx.float32)  # (K, V)
+    head = _tempered(model(input_ids[:1, :K], cache=cache)[0].astype(mx.float32), temperature)  # (K, V)
     for c in cache:  # differentiable copy: gradients flow back into the prefix
         c.keys, c.values = (mx.repeat(a[..., : c.offset, :], B, axis=0) for a in (c.keys, c.values))
-    tail = model(input_ids[:, K:], cache=cache)  # (B, T-K, V)
+    tail = _tempered(model(input_ids[:, K:], cache=cache), temperature)  # (B, T-K, V)
     # the prefix positions' distributions are the same in every row: normalize them once
     head_log_probs = head[mx.arange(K), labels[:, :K]] - mx.logsumexp(head, axis=-1)  # (B, K)
     out = _log_probs_from_logits(tail, labels[:, K:], return_token_entropy)
@@ -87,6 +89,11 @@ def get_response_log_probs(model, input_ids, labels, return_token_entropy=False,
         head_entropy = mx.stop_gradient(mx.broadcast_to(compute_entropy(head), (B, K)))
         out["token_entropy"] = mx.concatenate([head_entropy, out["token_entropy"]], axis=1)
     return out
+
+
+def _tempered(logits, temperature):
+    """logits / T; T = 0 (greedy decoding) samples from no distribution: the model's own is used."""
+    return logits if temperature in (0, 1) else logits / temperature
 
 
 def _log_probs_from_logits(logits, labels, return_token_entropy):

@@ -211,9 +211,9 @@ def main(args):
         advantages, raw_rewards = advantages.to(device)[:, None], raw_rewards.to(device)[:, None]  # (B, 1)
         prefix = harness.shared_prefix_length(batch["input_ids"].tolist())
 
-        def log_probs_of(m, rows, entropy=False):
+        def log_probs_of(m, rows, entropy=False):  # under the sampling distribution: softmax(logits / T)
             return common.get_response_log_probs(m, batch["input_ids"][rows], batch["labels"][rows], entropy,
-                                                 shared_prefix=prefix)
+                                                 shared_prefix=prefix, temperature=args.temperature)
 
         def all_log_probs(m):
             with torch.no_grad():

@@ -168,7 +168,7 @@ def main(args):
 
     def loss_fn(model, batch, rows, advantages, raw_rewards, old_log_probs, ref_log_probs, step_tokens, prefix):
         out = common.get_response_log_probs(model, batch["input_ids"][rows], batch["labels"][rows], True,
-                                            shared_prefix=prefix)
+                                            shared_prefix=prefix, temperature=args.temperature)  # softmax(logits / T)
         mask = batch["response_mask"][rows]
         old = mx.stop_gradient(out["log_probs"]) if old_log_probs is None else old_log_probs
         loss, stats = policy_loss(out["log_probs"], mask, advantages[rows], raw_rewards[rows], old, ref_log_probs,
@@ -220,7 +220,8 @@ def main(args):
         def all_log_probs(m):
             return mx.concatenate([common.get_response_log_probs(m, batch["input_ids"][i : i + micro],
                                                                  batch["labels"][i : i + micro],
-                                                                 shared_prefix=prefix)["log_probs"]
+                                                                 shared_prefix=prefix,
+                                                                 temperature=args.temperature)["log_probs"]
                                    for i in range(0, args.rollout_batch_size, micro)])
 
         # a forward pass for π_old only when a ratio needs it and a later update reuses these rollouts

@@ -99,3 +99,58 @@ def test_grpo_runs_with_dynamic_sampling_and_eval_samples(char_model_dir, tmp_pa
     evals = [r for r in rows if "eval_pass_at_k" in r]
     assert len(evals) == 3  # steps 0, 1, 2
     assert all(r["eval_mean_at_k"] <= r["eval_pass_at_k"] for r in evals)
+
+
+# ----------------------------------------------------------------------------- temperature-consistent log-probs
+
+
+def _rollout_vs_forward(common, load, to_numpy, model_dir, temperature):
+    import tasks
+
+    model, tokenizer = load(model_dir)
+    prompts = [tasks.r1_zero_prompt(q) for q in ("1 + 2 =", "30 + 4 =", "7 + 70 =")] * 2
+    rollouts = common.generate(model, tokenizer, prompts, harness.Sampling(max_new_tokens=8, temperature=temperature,
+                                                                           stop=()))
+    batch = common.join_prompt_and_output_ids([r["prompt_ids"] for r in rollouts], [r["response_ids"] for r in rollouts],
+                                              tokenizer.pad_token_id)
+    prefix = harness.shared_prefix_length(batch["input_ids"].tolist())
+    ours = {}
+    for t in (temperature, 1.0):
+        out = common.get_response_log_probs(model, batch["input_ids"], batch["labels"], shared_prefix=prefix, temperature=t)
+        lp, mask = to_numpy(out["log_probs"]), to_numpy(batch["response_mask"]).astype(bool)
+        ours[t] = [row[m] for row, m in zip(lp, mask)]
+    sampled = [r["log_probs"] for r in rollouts]
+    return ours, sampled
+
+
+@pytest.mark.parametrize("framework", ["torch", "mlx"])
+def test_training_log_probs_at_the_sampling_temperature_give_ratio_one(char_model_dir, framework):
+    """Rollouts at T = 0.7: log-probs taken in the loss at the same T equal the sampler's to
+    1e-4, so the importance ratio of an on-policy token is 1; at T = 1 they are not."""
+    import numpy as np
+
+    if framework == "torch":
+        import torch
+
+        import common
+
+        def load(path):
+            return common.load_model(path, torch.device("cpu"), torch.float32)
+
+        def to_numpy(x):
+            return x.detach().numpy()
+    else:
+        import mlx.core as mx
+
+        import common_mlx as common
+
+        def load(path):
+            return common.load_model(path, common.pick_device("cpu"), mx.float32)
+
+        def to_numpy(x):
+            return np.array(x)
+    ours, sampled = _rollout_vs_forward(common, load, to_numpy, char_model_dir, temperature=0.7)
+    ratio = np.concatenate([np.exp(o - np.array(s)) for o, s in zip(ours[0.7], sampled)])
+    assert len(ratio) > 20 and np.abs(ratio - 1).max() < 1e-4
+    untempered = np.concatenate([np.exp(o - np.array(s)) for o, s in zip(ours[1.0], sampled)])
+    assert np.abs(untempered - 1).max() > 0.01
