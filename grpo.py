@@ -37,7 +37,7 @@ model = "smollm2-135m-instruct"  # local HF dir, hub id, or the embedded default
 task = "chain_sum"  # chain_sum, chain_sum_hard, basic_arithmetic, gsm_symbolic, or reasoning-gym name[:k=v,...]
 train_data = ""  # JSONL of your own questions (MATH or GSM8K style); overrides --task
 eval_data = ""  # JSONL of your own held-out questions; overrides --task
-reward = "r1_zero"  # r1_zero, exact, or path/to/file.py:function
+reward = "r1_zero"  # r1_zero, exact, closeness, path/to/file.py:function, or a weighted sum: r1_zero:1,closeness:0.2
 out_dir = "runs/grpo"  # run directory: metrics.jsonl, checkpoints/, final/
 cache_dir = ""  # where the embedded model is converted (default $NANOALIGN_CACHE or ~/.cache/nanoalign)
 warmstart_steps = 25  # SFT steps on the task's traces before GRPO (0: start from --model as is)
@@ -189,11 +189,12 @@ def main(args):
 
         n_groups, sampled = args.rollout_batch_size // args.group_size, {}
         if args.dynamic_sampling:
-            rollouts, _, sampled = harness.dynamic_sample(sample_groups, n_groups, args.group_size,
-                                                          args.max_sampling_rounds)
+            rollouts, scores, sampled = harness.dynamic_sample(sample_groups, n_groups, args.group_size,
+                                                               args.max_sampling_rounds)
         else:
-            rollouts, _ = sample_groups(n_groups)
+            rollouts, scores = sample_groups(n_groups)
         answers = [r["answer"] for r in rollouts]
+        reward_parts = {k: sum(s[k] for s in scores) / len(scores) for k in scores[0] if k.startswith("reward/")}
         t_rollout = time.perf_counter() - t0
 
         # ---- rewards -> advantages: A = (r - mean_group) [/ std]
@@ -260,7 +261,7 @@ def main(args):
                "kl": sum(stats["kl"]) / len(stats["kl"]), "grad_norm": max(stats["grad_norm"]),
                "lr": scheduler.get_last_lr()[0], "rollout_tok_s": lengths.sum().item() / t_rollout,
                "train_tok_s": n_train_tokens / t_train, "step_s": time.perf_counter() - t0,
-               "peak_rss_gb": harness.peak_rss_gb(), **sampled}
+               "peak_rss_gb": harness.peak_rss_gb(), **sampled, **reward_parts}
         log(row)
         bar.set_postfix(reward=f"{row['reward']:.2f}", fmt=f"{row['format_reward']:.2f}", len=f"{row['response_len']:.0f}",
                         s=f"{row['step_s']:.0f}")

@@ -89,13 +89,15 @@ def test_dynamic_sampling_respects_its_cap_and_keeps_the_batch_full():
 @pytest.mark.parametrize("script", [grpo, grpo_mlx])
 def test_grpo_runs_with_dynamic_sampling_and_eval_samples(char_model_dir, tmp_path, script):
     args = script.parse_args(common_flags(char_model_dir, tmp_path) + [
-        "--reward", SEVENS.replace(":sevens", ":coin"), "--n-steps", "2", "--rollout-batch-size", "8", "--group-size",
+        "--reward", SEVENS.replace(":sevens", ":coin") + ":1.0," + SEVENS + ":0.5", "--n-steps", "2", "--rollout-batch-size", "8", "--group-size",
         "4", "--grad-accum", "2", "--warmstart-steps", "0", "--dynamic-sampling", "--max-sampling-rounds", "2",
         "--eval-samples", "3", "--eval-every", "1", "--save-every", "0"])
     script.main(args)
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     steps = [r for r in rows if "groups_generated" in r]
     assert len(steps) == 2 and all(2 <= r["groups_generated"] <= 4 for r in steps)
+    for r in steps:  # each part of the weighted reward is logged, and they add up
+        assert r["reward"] == pytest.approx(r["reward/coin"] + 0.5 * r["reward/sevens"])
     evals = [r for r in rows if "eval_pass_at_k" in r]
     assert len(evals) == 3  # steps 0, 1, 2
     assert all(r["eval_mean_at_k"] <= r["eval_pass_at_k"] for r in evals)
@@ -154,3 +156,35 @@ def test_training_log_probs_at_the_sampling_temperature_give_ratio_one(char_mode
     assert len(ratio) > 20 and np.abs(ratio - 1).max() < 1e-4
     untempered = np.concatenate([np.exp(o - np.array(s)) for o, s in zip(ours[1.0], sampled)])
     assert np.abs(untempered - 1).max() > 0.01
+
+
+# ----------------------------------------------------------------------------- composed rewards
+
+
+def test_weighted_reward_by_hand():
+    fn = rewards.get_reward_fn("r1_zero:1.0,closeness:0.5")
+    out = fn("5 + 2 = 5 </think> <answer>5</answer>", "7")  # format right, answer off by 2
+    assert out["reward/r1_zero"] == 0.0 and out["reward/closeness"] == pytest.approx(1 / 3)
+    assert out["reward"] == pytest.approx(0.5 / 3)
+    assert (out["format_reward"], out["answer_reward"]) == (1.0, 0.0)  # the first part's: held-out stays strict
+    out = fn("</think> <answer>7</answer>", "7")
+    assert out["reward"] == pytest.approx(1.5) and out["answer_reward"] == 1.0
+
+
+def test_weighted_reward_with_a_user_function():
+    fn = rewards.get_reward_fn(SEVENS + ":0.25,r1_zero")
+    out = fn("7777", "1")
+    assert out["reward/sevens"] == 1.0 and out["reward"] == pytest.approx(0.25)
+    assert rewards.get_reward_fn("r1_zero") is rewards.r1_zero_reward_fn  # a single part is the function itself
+
+
+@pytest.mark.parametrize("response", ["", "</think> <answer>1e400</answer>", "</think> <answer>-9" + "9" * 5000 + "</answer>",
+                                      "</think> <answer>nan</answer>", "\ud800</think> <answer>3</answer>"])
+def test_closeness_never_raises(response):
+    out = rewards.closeness_reward_fn(response, "3")
+    assert 0.0 <= out["reward"] <= 1.0
+
+
+def test_unknown_reward_is_one_clear_error():
+    with pytest.raises(ValueError, match="weighted sum"):
+        rewards.get_reward_fn("r1_zero:1.0,nonsense:0.2")
