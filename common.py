@@ -492,7 +492,9 @@ def _generate_batch(model, tokenizer, prompt_ids, sampling, generator):
     for i, p in enumerate(prompt_ids):  # the pad sits between prefix and suffix
         input_ids[i, S - (len(p) - K) :] = torch.tensor(p[K:], dtype=torch.long, device=device)
         attention[i, K + S - (len(p) - K) :] = 1
-    history = torch.cat([torch.tensor([prompt_ids[0][:K]] * B, dtype=torch.long, device=device), input_ids], 1)
+    # what the repetition penalty sees: each row's own prompt; its pad slots repeat the row's
+    # last prompt token (already in the row, so penalized once anyway) rather than the pad id
+    history = torch.tensor([p[:K] + [p[-1]] * (S - (len(p) - K)) + p[K:] for p in prompt_ids], device=device)
     history = history if repetition_penalty != 1.0 else history[:, :0]
     out_tokens = torch.zeros((B, 0), dtype=torch.long, device=device)  # (B, t)
     out_lps = torch.zeros((B, 0), device=device)

@@ -487,7 +487,9 @@ def _generate_batch(model, tokenizer, prompt_ids, sampling, generator):
         model(mx.array([prompt_ids[0][:K]]), cache=prefix_cache)
         for c, p in zip(caches, prefix_cache):
             c.write(mx.repeat(p.keys[..., :K, :], B, 0), mx.repeat(p.values[..., :K, :], B, 0))
-    history = mx.concatenate([mx.array([prompt_ids[0][:K]] * B).reshape(B, K), suffix], 1)
+    # what the repetition penalty sees: each row's own prompt; its pad slots repeat the row's
+    # last prompt token (already in the row, so penalized once anyway) rather than the pad id
+    history = mx.array([p[:K] + [p[-1]] * pad + p[K:] for pad, p in zip(pads, prompt_ids)])
     history = history if repetition_penalty != 1.0 else history[:, :0]
     out_tokens, out_lps = [], []  # per step: (B,) over all rows, pad / 0 for finished ones
     lengths = [max_new_tokens] * B  # where each row stopped
