@@ -9,6 +9,7 @@ evaluation.
 """
 
 import functools
+import math
 import os
 import random
 import time
@@ -692,12 +693,15 @@ def completion_log_probs(model, tokenizer, prompts, responses, return_token_entr
 
 
 def optimizer_step(model, optimizer, scheduler, max_grad_norm):
-    """Clip, step, schedule, zero. Returns the pre-clip gradient norm."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    optimizer.step()
-    scheduler.step()
+    """Clip, step, schedule, zero. Returns the pre-clip gradient norm. A NaN or inf norm (a
+    NaN loss or gradient) skips the update: the weights and optimizer state stay as they were
+    (harness.count_bad_steps stops a run that keeps doing it)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm).item()
+    if math.isfinite(grad_norm):
+        optimizer.step()
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm.item()
+    return grad_norm
 
 
 def evaluate_and_log(model, tokenizer, examples, args, step, log):

@@ -11,6 +11,7 @@ MLX's default integer type (torch uses int64). Models are mlx-lm models read fro
 written as) plain HF directories, so torch and MLX checkpoints are interchangeable.
 """
 
+import math
 import os
 import random
 
@@ -684,14 +685,18 @@ def resume(ckpt, model, optimizer, scheduler):
 
 
 def optimizer_step(model, optimizer, grads, max_grad_norm):
-    """Clip, step, evaluate (the one mx.eval of the update). Returns the pre-clip gradient norm.
-    MLX has no .grad: the caller passes the accumulated gradients and drops them after."""
+    """Clip, step, evaluate. Returns the pre-clip gradient norm. MLX has no .grad: the caller
+    passes the accumulated gradients and drops them after. A NaN or inf norm skips the update:
+    the weights and optimizer state stay as they were (so the norm is evaluated first: two
+    mx.eval per step, the gradients then the update)."""
     import mlx.optimizers as optim
 
     grads, grad_norm = optim.clip_grad_norm(grads, max_grad_norm)
-    optimizer.update(model, grads)
-    mx.eval(model.parameters(), optimizer.state, grad_norm)
-    return grad_norm.item()
+    grad_norm = grad_norm.item()
+    if math.isfinite(grad_norm):
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state)
+    return grad_norm
 
 
 def evaluate_and_log(model, tokenizer, examples, args, step, log):

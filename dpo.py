@@ -43,6 +43,7 @@ grad_accum = 2  # microbatches per optimizer step
 warmup_steps = 0  # linear warmup, then cosine decay to 10%
 weight_decay = 0.0
 max_grad_norm = 1.0
+max_bad_steps = 3  # stop after this many optimizer steps in a row skipped for a NaN / inf gradient
 lora_rank = 0  # 0: full fine-tuning
 n_train = 5000  # training questions drawn from the task
 # sampling
@@ -119,8 +120,7 @@ def main(args):
     eval_examples = tasks.load_examples(args, "eval", args.n_eval)
     start_step, cursor = common.resume(ckpt, model, optimizer, scheduler)
     log = harness.MetricsLog(args.out_dir, args.wandb, vars(args))
-    micro = args.batch_size // args.grad_accum
-    summary = None
+    micro, summary, bad_steps = args.batch_size // args.grad_accum, None, 0
 
     model.train()
     bar = tqdm(range(start_step, args.n_steps), desc="dpo", initial=start_step, total=args.n_steps)
@@ -147,6 +147,7 @@ def main(args):
             stats["chosen_reward"] += args.beta * (chosen - ref_chosen).sum().item() / len(pairs)
             stats["rejected_reward"] += args.beta * (rejected - ref_rejected).sum().item() / len(pairs)
         grad_norm = common.optimizer_step(model, optimizer, scheduler, args.max_grad_norm) if pairs else 0.0
+        bad_steps = harness.count_bad_steps(grad_norm, bad_steps, args.max_bad_steps)
         row = {"step": step + 1, "pairs": len(pairs), **stats, "grad_norm": grad_norm,
                "lr": scheduler.get_last_lr()[0], "step_s": time.perf_counter() - t0}
         log(row)

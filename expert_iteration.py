@@ -42,6 +42,7 @@ grad_accum = 2  # microbatches per optimizer step
 warmup_steps = 0  # linear warmup, then cosine decay to 10%
 weight_decay = 0.0
 max_grad_norm = 1.0
+max_bad_steps = 3  # stop after this many optimizer steps in a row skipped for a NaN / inf gradient
 lora_rank = 0  # 0: full fine-tuning
 n_train = 5000  # training questions drawn from the task
 # sampling
@@ -84,8 +85,7 @@ def main(args):
     reward_fn = rewards.get_reward_fn(args.reward)
     start_step, cursor = common.resume(ckpt, model, optimizer, scheduler)
     log = harness.MetricsLog(args.out_dir, args.wandb, vars(args))
-    micro = args.batch_size // args.grad_accum
-    summary = None
+    micro, summary, bad_steps = args.batch_size // args.grad_accum, None, 0
 
     for ei_step in range(start_step, args.n_ei_steps):
         t0 = time.perf_counter()
@@ -114,7 +114,8 @@ def main(args):
                     tokens_per_example = mask.sum().clamp(min=1).item() / len(mask)
                     loss, _ = common.sft_microbatch_train_step(out["log_probs"], mask, n_micro, tokens_per_example)
                     losses.append(loss.item() * n_micro)
-                common.optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
+                grad_norm = common.optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
+                bad_steps = harness.count_bad_steps(grad_norm, bad_steps, args.max_bad_steps)
                 n_updates += 1
 
         row = {"step": ei_step + 1, "sampled": len(rollouts), "kept": len(kept), "questions_solved": solved,

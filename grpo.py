@@ -62,6 +62,7 @@ grad_accum = 4  # microbatches per optimizer step
 warmup_steps = 0  # linear warmup, then cosine decay to 10%
 weight_decay = 0.0
 max_grad_norm = 1.0
+max_bad_steps = 3  # stop after this many optimizer steps in a row skipped for a NaN / inf gradient
 lora_rank = 0  # 0: full fine-tuning
 n_train = 20000  # training questions drawn from the task
 # sampling (rollouts; evaluation is greedy)
@@ -166,7 +167,7 @@ def main(args):
     log = harness.MetricsLog(args.out_dir, args.wandb, vars(args))
 
     off_policy = optimizer_steps_per_rollout * args.epochs_per_rollout > 1
-    micro = args.batch_size // args.grad_accum
+    micro, bad_steps = args.batch_size // args.grad_accum, 0
     summary = None
     if start_step == 0:
         summary = common.evaluate_and_log(model, tokenizer, eval_examples, args, 0, log)
@@ -247,6 +248,7 @@ def main(args):
                     stats["clip_frac"].append(loss_stats["clip_frac"].item())
                     stats["kl"].append(loss_stats["kl"].item())
                 stats["grad_norm"].append(common.optimizer_step(model, optimizer, scheduler, args.max_grad_norm))
+                bad_steps = harness.count_bad_steps(stats["grad_norm"][-1], bad_steps, args.max_bad_steps)
         t_train = time.perf_counter() - t1
 
         # ---- log, eval, checkpoint

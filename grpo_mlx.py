@@ -58,6 +58,7 @@ grad_accum = 4  # microbatches per optimizer step
 warmup_steps = 0  # linear warmup, then cosine decay to 10%
 weight_decay = 0.0
 max_grad_norm = 1.0
+max_bad_steps = 3  # stop after this many optimizer steps in a row skipped for a NaN / inf gradient
 lora_rank = 0  # 0: full fine-tuning
 n_train = 20000  # training questions drawn from the task
 # sampling (rollouts; evaluation is greedy)
@@ -164,7 +165,7 @@ def main(args):
     log = harness.MetricsLog(args.out_dir, args.wandb, vars(args))
 
     off_policy = optimizer_steps_per_rollout * args.epochs_per_rollout > 1
-    micro = args.batch_size // args.grad_accum
+    micro, bad_steps = args.batch_size // args.grad_accum, 0
 
     def loss_fn(model, batch, rows, advantages, raw_rewards, old_log_probs, ref_log_probs, step_tokens, prefix):
         out = common.get_response_log_probs(model, batch["input_ids"][rows], batch["labels"][rows], True,
@@ -250,6 +251,7 @@ def main(args):
                         mx.eval(grads)
                     micro_stats.append((loss, entropy, loss_stats))
                 stats["grad_norm"].append(common.optimizer_step(model, optimizer, grads, args.max_grad_norm))
+                bad_steps = harness.count_bad_steps(stats["grad_norm"][-1], bad_steps, args.max_bad_steps)
                 for loss, entropy, loss_stats in micro_stats:  # .item() now adds only what the update skipped
                     stats["loss"] += loss.item()
                     stats["entropy"].append(entropy.item())

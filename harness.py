@@ -112,6 +112,19 @@ def lr_factor(step, warmup_steps, total_steps, final=0.1):
     return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def count_bad_steps(grad_norm, bad_steps, max_bad_steps):
+    """Optimizer steps skipped in a row for a NaN / inf gradient (common.optimizer_step skips
+    them), 0 after a good one. Stops the run with one line after max_bad_steps in a row: the
+    checkpoints on disk all predate the trouble."""
+    if math.isfinite(grad_norm):
+        return 0
+    bad_steps += 1
+    if bad_steps >= max_bad_steps:
+        raise SystemExit(f"nanoalign: {bad_steps} optimizer steps in a row had a NaN or inf gradient and were skipped; "
+                         "stopping. Lower --lr (or check the data), then --resume from the last checkpoint.")
+    return bad_steps
+
+
 def due(step, every, n_steps, at_end=True):
     """Whether step (1-based) is an every-th step: the last step counts when at_end (for
     evaluations, which the final summary needs) and never otherwise (for checkpoints,

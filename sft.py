@@ -43,6 +43,7 @@ grad_accum = 2  # microbatches per optimizer step
 warmup_steps = 5  # linear warmup, then cosine decay to 10%
 weight_decay = 0.0
 max_grad_norm = 1.0
+max_bad_steps = 3  # stop after this many optimizer steps in a row skipped for a NaN / inf gradient
 lora_rank = 0  # 0: full fine-tuning
 n_train = 5000  # training examples drawn from the task
 # evaluation (greedy), checkpoints, hardware
@@ -89,7 +90,7 @@ def main(args):
     log = harness.MetricsLog(args.out_dir, args.wandb, vars(args))
     device = next(model.parameters()).device
 
-    micro, summary = args.batch_size // args.grad_accum, None
+    micro, summary, bad_steps = args.batch_size // args.grad_accum, None, 0
     model.train()
     bar = tqdm(range(start_step, args.n_steps), desc="sft", initial=start_step, total=args.n_steps)
     for step in bar:
@@ -109,6 +110,7 @@ def main(args):
             total_loss += loss.item()
             n_tokens += mask.numel()
         grad_norm = common.optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
+        bad_steps = harness.count_bad_steps(grad_norm, bad_steps, args.max_bad_steps)
         row = {"step": step + 1, "loss": total_loss, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
                "train_tok_s": n_tokens / (time.perf_counter() - t0), "step_s": time.perf_counter() - t0,
                "peak_rss_gb": harness.peak_rss_gb()}

@@ -42,6 +42,7 @@ grad_accum = 2  # microbatches per optimizer step
 warmup_steps = 5  # linear warmup, then cosine decay to 10%
 weight_decay = 0.0
 max_grad_norm = 1.0
+max_bad_steps = 3  # stop after this many optimizer steps in a row skipped for a NaN / inf gradient
 lora_rank = 0  # 0: full fine-tuning
 n_train = 5000  # training examples drawn from the task
 # evaluation (greedy), checkpoints, hardware
@@ -92,7 +93,7 @@ def main(args):
         return common.sft_microbatch_train_step(log_probs, mask, args.grad_accum, tokens_per_example)[0]
 
     loss_and_grad = nn.value_and_grad(model, loss_fn)
-    micro, summary = args.batch_size // args.grad_accum, None
+    micro, summary, bad_steps = args.batch_size // args.grad_accum, None, 0
     bar = tqdm(range(start_step, args.n_steps), desc="sft", initial=start_step, total=args.n_steps)
     for step in bar:
         t0, losses, n_tokens, grads = time.perf_counter(), [], 0, None
@@ -114,6 +115,7 @@ def main(args):
             losses.append(loss)
             n_tokens += mask.size
         grad_norm = common.optimizer_step(model, optimizer, grads, args.max_grad_norm)  # evaluates the step
+        bad_steps = harness.count_bad_steps(grad_norm, bad_steps, args.max_bad_steps)
         total_loss = sum(loss.item() for loss in losses)
         row = {"step": step + 1, "loss": total_loss, "grad_norm": grad_norm, "lr": scheduler(optimizer.step).item(),
                "train_tok_s": n_tokens / (time.perf_counter() - t0), "step_s": time.perf_counter() - t0,

@@ -1,0 +1,73 @@
+"""A NaN or inf gradient is skipped, not applied, in both twins; a run that keeps producing
+them stops with one line, and the checkpoint on disk predates them."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import common_mlx
+import harness
+import sft
+from test_scripts import common_flags
+
+
+def test_torch_nan_gradient_skips_the_update():
+    model = torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer, scheduler = common.make_optimizer(model, lr=0.1)
+    (model(torch.tensor([[1.0, float("nan"), 0.0]])).sum()).backward()
+    assert math.isnan(common.optimizer_step(model, optimizer, scheduler, 1.0))
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert not optimizer.state and all(p.grad is None for p in model.parameters())
+    model(torch.ones(1, 3)).sum().backward()  # a good step afterwards applies
+    assert math.isfinite(common.optimizer_step(model, optimizer, scheduler, 1.0))
+    assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_mlx_nan_gradient_skips_the_update():
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    model = nn.Linear(3, 2)
+    mx.eval(model.parameters())
+    before = {k: np.array(v) for k, v in model.parameters().items()}
+    optimizer, _ = common_mlx.make_optimizer(model, lr=0.1)
+    grads = {k: mx.full(v.shape, float("nan")) for k, v in model.parameters().items()}
+    assert math.isnan(common_mlx.optimizer_step(model, optimizer, grads, 1.0))
+    assert all(np.array_equal(before[k], np.array(v)) for k, v in model.parameters().items())
+    assert optimizer.step.item() == 0
+
+
+def test_count_bad_steps_stops_after_the_limit():
+    assert harness.count_bad_steps(1.0, 2, 3) == 0
+    assert harness.count_bad_steps(float("nan"), 0, 3) == 1
+    assert harness.count_bad_steps(float("inf"), 1, 3) == 2
+    with pytest.raises(SystemExit, match="3 optimizer steps in a row"):
+        harness.count_bad_steps(float("nan"), 2, 3)
+
+
+def test_a_run_that_turns_nan_stops_and_keeps_its_last_good_checkpoint(char_model_dir, tmp_path, monkeypatch):
+    real = common.get_response_log_probs
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):  # from the 3rd optimizer step on (2 microbatches a step), log-probs are NaN
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        if calls["n"] > 4:
+            out["log_probs"] = out["log_probs"] * float("nan")
+        return out
+
+    monkeypatch.setattr(common, "get_response_log_probs", poisoned)
+    args = sft.parse_args(common_flags(char_model_dir, tmp_path) + [
+        "--task", "chain_sum", "--n-steps", "10", "--batch-size", "4", "--grad-accum", "2", "--save-every", "2",
+        "--max-bad-steps", "2"])
+    with pytest.raises(SystemExit, match="2 optimizer steps in a row"):
+        sft.main(args)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [math.isfinite(r["grad_norm"]) for r in rows] == [True, True, False]
+    assert (tmp_path / "checkpoints" / "step_000002").exists()  # the good one; no later one was written
+    assert not (tmp_path / "checkpoints" / "step_000004").exists()
