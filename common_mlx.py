@@ -351,12 +351,14 @@ def pick_device(name="auto"):
 
 
 def pick_dtype(name, device):
-    """'auto': bf16 on the GPU, fp32 on the CPU (MLX's CPU matmuls run in fp32 through BLAS)."""
-    # (so common.py's _cpu_bf16_speedup has no twin here)
+    """'auto': fp32. MLX has no autocast, so the dtype is the weights' own, and bf16 weights
+    drop any update below 1/256 of a weight (at lr 1e-5, nearly all of them): bf16 only when
+    asked (--dtype bfloat16, e.g. for evaluation). MLX's CPU matmuls run in fp32 BLAS anyway.
+    (So common.py's _cpu_bf16_speedup has no twin here.)"""
     if name != "auto":
         return {"float32": mx.float32, "fp32": mx.float32, "bfloat16": mx.bfloat16, "bf16": mx.bfloat16,
                 "float16": mx.float16, "fp16": mx.float16}[name]
-    return mx.bfloat16 if device.type == mx.gpu else mx.float32
+    return mx.float32
 
 
 def set_seed(seed):
