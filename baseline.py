@@ -40,7 +40,9 @@ DEFAULTS = harness.defaults_of(globals())
 
 
 def parse_args(argv=None):
-    return harness.parse_flags(DEFAULTS, argv, __doc__.split("\n")[0], __file__)[1]
+    p, args = harness.parse_flags(DEFAULTS, argv, __doc__.split("\n")[0], __file__)
+    harness.check_inputs(p, args)
+    return args
 
 
 def main(args):

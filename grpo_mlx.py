@@ -89,6 +89,7 @@ def parse_args(argv=None):
     harness.require_multiple(p, [("--rollout-batch-size", args.rollout_batch_size, "--group-size", args.group_size),
                                  ("--rollout-batch-size", args.rollout_batch_size, "--batch-size", args.batch_size),
                                  ("--batch-size", args.batch_size, "--grad-accum", args.grad_accum)])
+    harness.check_inputs(p, args, train_kind="qa")
     return args
 
 

@@ -57,6 +57,32 @@ def require_multiple(parser, pairs):
             parser.error(f"{name} ({value}) must be a positive multiple of {div_name} ({divisor}), e.g. {fit}")
 
 
+def check_inputs(parser, args, train_kind="qa"):
+    """Stop with one line, before any model loads, on what would fail later: an unknown task
+    or reward, a JSONL file with a bad line (file:line: what), a local model path that does
+    not exist, --resume with nothing to resume. train_kind: how --train-data is read ('qa',
+    'sft' for pairs or questions, 'dpo')."""
+    import machine
+    import rewards
+
+    try:
+        train_data, eval_data = getattr(args, "train_data", ""), getattr(args, "eval_data", "")
+        if not (train_data and eval_data):
+            tasks.check_task(args.task)
+        if train_data:
+            first = open(train_data, encoding="utf-8").readline()
+            kind = "sft" if train_kind == "sft" and '"prompt"' in first else "qa" if train_kind == "sft" else train_kind
+            tasks.read_jsonl(train_data, kind)
+        if eval_data:
+            tasks.read_jsonl(eval_data, "qa")
+        rewards.get_reward_fn(args.reward)
+        machine.check_model(args.model)
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
+    if getattr(args, "resume", False) and latest_checkpoint(args.out_dir) is None:
+        parser.error(f"--resume: no checkpoint in {os.path.join(args.out_dir, 'checkpoints')} to resume from")
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     """How rollouts are sampled; one object, so no caller passes these positionally."""

@@ -37,6 +37,15 @@ def resolve_model(model, cache=None):
     return model
 
 
+def check_model(model):
+    """Raise FileNotFoundError (one line) for a --model that names a local path that is not
+    there. A hub id ('org/name') passes: only loading can tell whether it exists."""
+    if model == DEFAULT_MODEL or os.path.isdir(model):
+        return
+    if model.startswith(("/", ".", "~")) or model.count("/") > 1 or os.path.exists(model):
+        raise FileNotFoundError(f"--model {model!r}: no such model directory (and not a hub id 'org/name')")
+
+
 def embedded_model_dir(cache=None):
     target = cache_dir(cache) / "SmolLM2-135M-Instruct"
     if not (target / "config.json").exists():

@@ -64,6 +64,7 @@ DEFAULTS = harness.defaults_of(globals())
 def parse_args(argv=None):
     p, args = harness.parse_flags(DEFAULTS, argv, __doc__.split("\n")[0], __file__)
     harness.require_multiple(p, [("--batch-size", args.batch_size, "--grad-accum", args.grad_accum)])
+    harness.check_inputs(p, args, train_kind="sft")
     return args
 
 

@@ -63,6 +63,19 @@ def _parse_task(task):
     return dataset, config
 
 
+def check_task(task):
+    """Raise ValueError (one line) unless task names a known or reasoning-gym dataset."""
+    dataset, _ = _parse_task(task)
+    if task.partition(":")[0] in TASKS:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from reasoning_gym.factory import DATASETS
+    if dataset not in DATASETS:
+        raise ValueError(f"--task {task!r}: unknown; expected {', '.join(TASKS)} or a reasoning-gym dataset "
+                         f"({len(DATASETS)} of them, e.g. {', '.join(sorted(DATASETS)[:3])})")
+
+
 def _rg_items(task, seed, size):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

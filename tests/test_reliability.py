@@ -71,3 +71,25 @@ def test_a_run_that_turns_nan_stops_and_keeps_its_last_good_checkpoint(char_mode
     assert [math.isfinite(r["grad_norm"]) for r in rows] == [True, True, False]
     assert (tmp_path / "checkpoints" / "step_000002").exists()  # the good one; no later one was written
     assert not (tmp_path / "checkpoints" / "step_000004").exists()
+
+
+# ----------------------------------------------------------------------------- bad input, one line, before a model loads
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "no_such_task"], "--task 'no_such_task': unknown"),
+    (["--reward", "nope"], "--reward 'nope'"),
+    (["--model", "./no/such/dir"], "no such model directory"),
+    (["--resume", "--out-dir", "{tmp}/empty"], "--resume: no checkpoint"),
+    (["--train-data", "{tmp}/bad.jsonl"], "bad.jsonl:2: expected"),
+    (["--train-data", "{tmp}/missing.jsonl"], "No such file"),
+    (["--rollout-batch-size", "12", "--group-size", "8"], "--rollout-batch-size (12) must be a positive multiple"),
+])
+def test_bad_input_is_one_line_before_any_model_loads(tmp_path, capsys, argv, message):
+    import grpo
+
+    (tmp_path / "bad.jsonl").write_text('{"question": "1+1", "answer": "2"}\n{"question": "no answer"}\n')
+    with pytest.raises(SystemExit):
+        grpo.parse_args([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1], err

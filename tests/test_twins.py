@@ -22,7 +22,7 @@ ARGVS = [
     [],
     ["--group-size", "4", "--loss-type", "dapo", "--cliprange-high", "0.28", "--lr", "3e-6"],
     ["--no-mask-truncated", "--mask-truncated", "--beta", "0.04", "--scale-rewards", "batch", "--batch-size", "32"],
-    ["--task", "basic_arithmetic", "--temperature", "0.7", "--top-k", "20", "--resume", "--wandb", "--seed", "3"],
+    ["--task", "basic_arithmetic", "--temperature", "0.7", "--top-k", "20", "--eval-samples", "4", "--wandb", "--seed", "3"],
 ]
 SFT_ARGVS = [[], ["--packed", "--seq-length", "128", "--lora-rank", "8"], ["--task", "chain_sum", "--n-steps", "25"]]
 
