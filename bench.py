@@ -123,6 +123,17 @@ def bench_blas(args):
 # ----------------------------------------------------------------------------- rollouts
 
 
+def median_rate(fn, repeats):
+    """Median of fn()'s count per second over repeats runs, after one warm-up run."""
+    fn()
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        n = fn()
+        rates.append(n / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
 def mlx_rollout_tokens_per_s(n_prompts, max_new_tokens, repeats, cache=None):
     """Child process: generated tokens/s of our MLX sampler and of mlx_lm.batch_generate on
     the same prompts and model, both at temperature 1 with EOS banned (equal work)."""
@@ -150,16 +161,7 @@ def mlx_rollout_tokens_per_s(n_prompts, max_new_tokens, repeats, cache=None):
                                     sampler=make_sampler(temp=1.0), logits_processors=[ban_eos])
         return sum(len(ids) for ids in out.token_ids)
 
-    result = {}
-    for name, fn in (("ours", ours), ("mlx_lm", theirs)):
-        fn()  # warm-up
-        rates = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            n = fn()
-            rates.append(n / (time.perf_counter() - t0))
-        result[name] = statistics.median(rates)
-    print(json.dumps(result))
+    print(json.dumps({"ours": median_rate(ours, repeats), "mlx_lm": median_rate(theirs, repeats)}))
 
 
 def torch_rollout_tokens_per_s(n_prompts, max_new_tokens, repeats, dtype, cache=None):
@@ -189,16 +191,7 @@ def torch_rollout_tokens_per_s(n_prompts, max_new_tokens, repeats, dtype, cache=
                                     pad_token_id=tokenizer.pad_token_id)
         return (out.shape[1] - encoded["input_ids"].shape[1]) * out.shape[0]
 
-    result = {}
-    for name, fn in (("ours", ours), ("hf", theirs)):
-        fn()  # warm-up
-        rates = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            n = fn()
-            rates.append(n / (time.perf_counter() - t0))
-        result[name] = statistics.median(rates)
-    print(json.dumps(result))
+    print(json.dumps({"ours": median_rate(ours, repeats), "hf": median_rate(theirs, repeats)}))
 
 
 def bench_rollouts(args):
