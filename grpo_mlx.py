@@ -159,8 +159,10 @@ def main(args):
                                                  total_optimizer_steps)
     train_examples = tasks.load_examples(args, "train", args.n_train)
     eval_examples = tasks.load_examples(args, "eval", args.n_eval)
-    # each (response, answer) is graded once, though dynamic sampling grades before the advantages do
-    reward_fn = functools.lru_cache(maxsize=4096)(rewards.get_reward_fn(args.reward))
+    # guarded (a reward that raises or hangs scores 0, counted); each (response, answer) graded
+    # once, though dynamic sampling grades before the advantages do
+    grader = rewards.get_reward_fn(args.reward)
+    reward_fn = functools.lru_cache(maxsize=4096)(grader)
     sampling = harness.Sampling.from_args(args)
     start_step, cursor = common.resume(ckpt, model, optimizer, scheduler)
     log = harness.MetricsLog(args.out_dir, args.wandb, vars(args))
@@ -272,7 +274,7 @@ def main(args):
                "kl": sum(stats["kl"]) / len(stats["kl"]), "grad_norm": max(stats["grad_norm"]),
                "lr": scheduler(optimizer.step).item(), "rollout_tok_s": lengths.sum().item() / t_rollout,
                "train_tok_s": n_train_tokens / t_train, "step_s": time.perf_counter() - t0,
-               "peak_rss_gb": harness.peak_rss_gb(), **sampled, **reward_parts}
+               "peak_rss_gb": harness.peak_rss_gb(), "reward_failures": grader.failures, **sampled, **reward_parts}
         log(row)
         bar.set_postfix(reward=f"{row['reward']:.2f}", fmt=f"{row['format_reward']:.2f}", len=f"{row['response_len']:.0f}",
                         s=f"{row['step_s']:.0f}")

@@ -8,6 +8,8 @@ A reward is any function (response, ground_truth) -> {"reward", "format_reward",
 import math
 import os
 import re
+import signal
+import threading
 import warnings
 from pathlib import Path
 
@@ -121,16 +123,56 @@ def closeness_reward_fn(response, ground_truth):
 REWARDS = {"r1_zero": r1_zero_reward_fn, "exact": exact_match_reward_fn, "closeness": closeness_reward_fn}
 
 
+class _OutOfTime(BaseException):  # not an Exception: a reward's own `except Exception` cannot swallow it
+    pass
+
+
+def guarded(fn, seconds=0.8):
+    """fn made safe for hostile output and for user code: a call that raises, returns no
+    {"reward": ...} dict, or runs past `seconds` of CPU time scores 0 and is counted in
+    .failures (the run goes on). The time limit is a SIGVTALRM timer, so it does not clash
+    with math-verify's SIGALRM; it works in the main thread and can only stop Python code
+    (one C call, such as a huge integer power, runs to its end)."""
+
+    def safe(response, ground_truth):
+        timed = threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
+        if timed:
+            previous = signal.signal(signal.SIGVTALRM, _raise_out_of_time)
+            signal.setitimer(signal.ITIMER_VIRTUAL, seconds)
+        try:
+            out = fn(response, ground_truth)
+            if not isinstance(out, dict) or not isinstance(out.get("reward"), (int, float)):
+                raise TypeError(f"a reward must return a dict with a numeric 'reward', got {out!r:.80}")
+            return out
+        except (Exception, _OutOfTime):  # noqa: BLE001 - whatever the reward does, the run goes on
+            safe.failures += 1
+            return {"format_reward": 0.0, "answer_reward": 0.0, "reward": 0.0}
+        finally:
+            if timed:
+                signal.setitimer(signal.ITIMER_VIRTUAL, 0)
+                signal.signal(signal.SIGVTALRM, previous)
+
+    safe.failures = 0
+    return safe
+
+
+def _raise_out_of_time(signum, frame):
+    raise _OutOfTime()
+
+
 def get_reward_fn(spec):
     """A reward function from --reward: a name (r1_zero, exact, closeness), a user function
     'path/to/file.py:function', or a weighted sum of those, 'r1_zero:1.0,closeness:0.2'
     (name[:weight], comma-separated). A sum's reward is sum_i w_i * reward_i, each part's
     reward is also returned as 'reward/<name>' (for the logs), and format_reward /
     answer_reward are the first part's, so held-out accuracy stays the first reward's.
-    Every reward has the signature (response, ground_truth) -> {reward, format_reward, answer_reward}."""
+    Every reward has the signature (response, ground_truth) -> {reward, format_reward, answer_reward}.
+    The result is `guarded`: exceptions and calls past 0.8 s of CPU score 0 and are counted
+    in its .failures."""
+    answers_match("\\frac{1}{2}", "0.5")  # load math-verify's parsers now: a time limit must never cut an import short
     parts = [_weighted(part) for part in spec.split(",")]
     if len(parts) == 1 and parts[0][2] == 1.0:
-        return parts[0][1]
+        return guarded(parts[0][1])
 
     def weighted_sum(response, ground_truth):
         scores = [(name, weight, fn(response, ground_truth)) for name, fn, weight in parts]
@@ -139,7 +181,7 @@ def get_reward_fn(spec):
         out.update({f"reward/{name}": score["reward"] for name, _, score in scores})
         return out
 
-    return weighted_sum
+    return guarded(weighted_sum)
 
 
 def _weighted(part):
@@ -167,6 +209,8 @@ def _one_reward_fn(name):
     spec = importlib.util.spec_from_file_location(Path(path).stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    if not callable(getattr(module, fn, None)):
+        raise ValueError(f"--reward {name!r}: {path} has no function {fn!r}")
     return getattr(module, fn)
 
 

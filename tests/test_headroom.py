@@ -175,7 +175,8 @@ def test_weighted_reward_with_a_user_function():
     fn = rewards.get_reward_fn(SEVENS + ":0.25,r1_zero")
     out = fn("7777", "1")
     assert out["reward/sevens"] == 1.0 and out["reward"] == pytest.approx(0.25)
-    assert rewards.get_reward_fn("r1_zero") is rewards.r1_zero_reward_fn  # a single part is the function itself
+    out = rewards.get_reward_fn("r1_zero")("</think> <answer>7</answer>", "7")
+    assert out == rewards.r1_zero_reward_fn("</think> <answer>7</answer>", "7")  # a single part: the function itself
 
 
 @pytest.mark.parametrize("response", ["", "</think> <answer>1e400</answer>", "</think> <answer>-9" + "9" * 5000 + "</answer>",

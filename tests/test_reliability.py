@@ -93,3 +93,72 @@ def test_bad_input_is_one_line_before_any_model_loads(tmp_path, capsys, argv, me
         grpo.parse_args([a.replace("{tmp}", str(tmp_path)) for a in argv])
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1], err
+
+
+# ----------------------------------------------------------------------------- hostile output, hostile rewards
+
+HOSTILE = {
+    "10 MB": "</think> <answer>" + "9" * 10_000_000 + "</answer>",
+    "nested braces": "</think> <answer>" + "{" * 10_000 + "}" * 10_000 + "</answer>",
+    "frac bomb": "</think> <answer>" + "\\frac{1}{" * 2000 + "2" + "}" * 2000 + "</answer>",
+    "power tower": "</think> <answer>9^{9^{9^{9}}}</answer>",
+    "factorial": "</think> <answer>(10^{10})!</answer>",
+    "surrogate": "</think> <answer>\ud800\udfff 3</answer>",
+    "NUL": "</think> <answer>\x003\x00</answer>",
+    "code": "</think> <answer>__import__('os').system('touch /tmp/pwned')</answer>",
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_output_scores_zero_and_is_bounded(name):
+    import time
+
+    import rewards
+
+    fn = rewards.get_reward_fn("r1_zero:1.0,closeness:0.2")
+    t0 = time.perf_counter()
+    out = fn(HOSTILE[name], "3")
+    assert time.perf_counter() - t0 < 3.0  # a bound on a hang (0.8 s of CPU), not a speed measurement
+    assert out["reward"] == 0.0 or name in ("surrogate", "NUL")  # these two hold a 3 the numeric parser may read
+    assert out["answer_reward"] in (0.0, 1.0)
+
+
+@pytest.mark.parametrize("response, truth", [(None, "3"), (b"bytes", "3"), ("</think> <answer>3</answer>", None),
+                                             (12, 12)])
+def test_a_wrong_type_scores_zero(response, truth):
+    import rewards
+
+    assert rewards.get_reward_fn("r1_zero")(response, truth)["reward"] == 0.0
+
+
+def test_a_user_reward_that_raises_or_hangs_scores_zero_and_is_counted(tmp_path):
+    import time
+
+    import rewards
+
+    (tmp_path / "bad.py").write_text(
+        "def boom(response, truth):\n    raise RuntimeError('user bug')\n\n"
+        "def spin(response, truth):\n    while True:\n        try:\n            pass\n        except Exception:\n"
+        "            pass\n\n"
+        "def wrong(response, truth):\n    return 1.0\n")
+    for name in ("boom", "spin", "wrong"):
+        fn = rewards.get_reward_fn(f"{tmp_path}/bad.py:{name}")
+        t0 = time.perf_counter()
+        assert fn("x", "y")["reward"] == 0.0
+        assert time.perf_counter() - t0 < 3.0
+        assert fn.failures == 1, name
+
+
+def test_grpo_goes_on_when_the_reward_raises(char_model_dir, tmp_path):
+    import grpo
+
+    (tmp_path / "flaky.py").write_text(
+        "def flaky(response, truth):\n    if len(response) % 2:\n        raise ValueError('odd')\n"
+        "    return {'reward': 1.0, 'format_reward': 1.0, 'answer_reward': 1.0}\n")
+    out = tmp_path / "run"
+    args = grpo.parse_args(common_flags(char_model_dir, out) + [
+        "--reward", f"{tmp_path}/flaky.py:flaky", "--n-steps", "2", "--rollout-batch-size", "8", "--group-size", "4",
+        "--grad-accum", "1", "--warmstart-steps", "0", "--eval-every", "0", "--save-every", "0"])
+    grpo.main(args)
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl") if "reward_failures" in line]
+    assert len(rows) == 2 and rows[-1]["reward_failures"] > 0
