@@ -349,7 +349,8 @@ def pick_device(name="auto"):
 @functools.cache
 def _cpu_bf16_speedup():
     """How many times faster this CPU multiplies bf16 than fp32 matrices: 128 x 512 x 512
-    products, the two dtypes interleaved, the best of 5 each, on one thread (so another job
+    products, the two dtypes interleaved, the best of 6 each (the first, a warm-up, never
+    wins), on one thread (so another job
     on the cores cannot starve a worker thread of one side). Well under a second even where
     bf16 is emulated. Measured, not read from CPU flags: CPUs with the same flags gave 3.5x
     and 0.3x."""
@@ -359,7 +360,7 @@ def _cpu_bf16_speedup():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for _ in range(6):  # the first round is a warm-up for both
+        for _ in range(6):
             for dtype, (x, y) in pairs.items():
                 t0 = time.perf_counter()
                 x @ y

@@ -9,6 +9,10 @@ loss without a backward pass, and the caller wraps its loss function in
 nn.value_and_grad(model, fn); optimizer_step takes those gradients. Token ids are int32,
 MLX's default integer type (torch uses int64). Models are mlx-lm models read from (and
 written as) plain HF directories, so torch and MLX checkpoints are interchangeable.
+
+Private helpers without a twin, on purpose: common.py's _autocast and _cpu_bf16_speedup
+(MLX has no autocast, so its dtype is the weights' own and 'auto' is fp32), and this file's
+_last_logits (mlx-lm models return logits directly and take this file's _RolloutCache).
 """
 
 import math

@@ -22,7 +22,7 @@ import tasks
 
 
 # ----------------------------------------------------------------------------- defaults
-# Edit a line for an ablation, or override it as a flag: --n-steps 40 --beta 0.2.
+# Edit a line for an ablation, or override it as a flag: --n-ei-steps 5 --group-size 8.
 model = "smollm2-135m-instruct"  # local HF dir, hub id, or the embedded default
 task = "chain_sum"  # chain_sum, chain_sum_hard, basic_arithmetic, gsm_symbolic, or reasoning-gym name[:k=v,...]
 train_data = ""  # JSONL of your own questions (MATH or GSM8K style); overrides --task

@@ -125,7 +125,7 @@ def policy_loss(log_probs, mask, advantages, raw_rewards, old_log_probs, ref_log
     if args.loss_type == "gspo":  # an empty row (masked truncation) gets ratio 1, not 0/0
         log_ratio = (log_ratio * mask).sum(-1, keepdims=True) / mx.maximum(mask.sum(-1, keepdims=True), 1)
     ratio = mx.exp(log_ratio)  # exactly 1 on-policy, with the gradient of log π_θ
-    if args.loss_type in ("no_baseline", "reinforce_with_baseline"):
+    if args.loss_type not in common.RATIO_LOSSES:  # no_baseline, reinforce_with_baseline
         per_token, clipped = -A * log_probs, mx.zeros_like(mask)
     else:
         surrogate, clipped_surrogate = ratio * A, mx.clip(ratio, 1 - args.cliprange, 1 + args.cliprange_high) * A
@@ -168,6 +168,7 @@ def main(args):
     log = harness.MetricsLog(args.out_dir, args.wandb, vars(args))
 
     off_policy = optimizer_steps_per_rollout * args.epochs_per_rollout > 1
+    needs_ratio = args.loss_type in common.RATIO_LOSSES
     micro, bad_steps = args.batch_size // args.grad_accum, 0
 
     def loss_fn(model, batch, rows, advantages, raw_rewards, old_log_probs, ref_log_probs, step_tokens, prefix):
@@ -180,24 +181,25 @@ def main(args):
         return loss, common.masked_mean(out["token_entropy"], mask), stats
 
     loss_and_grad = nn.value_and_grad(model, loss_fn)
+
+    def sample_groups(n_questions):  # rollouts for n_questions new questions x group_size, graded
+        nonlocal cursor
+        questions = harness.take(train_examples, cursor, n_questions, args.seed)
+        cursor += n_questions
+        prompts = [tasks.r1_zero_prompt(q["question"]) for q in questions for _ in range(args.group_size)]
+        answers = [q["answer"] for q in questions for _ in range(args.group_size)]
+        rollouts = common.generate(model, tokenizer, prompts, sampling, batch_size=args.rollout_batch_size)
+        for r, answer in zip(rollouts, answers):
+            r["answer"] = answer
+        return rollouts, [reward_fn(r["response"], r["answer"]) for r in rollouts]
+
     summary = None
     if start_step == 0:
         summary = common.evaluate_and_log(model, tokenizer, eval_examples, args, 0, log)
     bar = tqdm(range(start_step, args.n_steps), desc="grpo", initial=start_step, total=args.n_steps)
     for step in bar:
         t0 = time.perf_counter()
-        # ---- rollouts: group_size samples for each question, graded
-        def sample_groups(n_questions):
-            nonlocal cursor
-            questions = harness.take(train_examples, cursor, n_questions, args.seed)
-            cursor += n_questions
-            prompts = [tasks.r1_zero_prompt(q["question"]) for q in questions for _ in range(args.group_size)]
-            answers = [q["answer"] for q in questions for _ in range(args.group_size)]
-            rollouts = common.generate(model, tokenizer, prompts, sampling, batch_size=args.rollout_batch_size)
-            for r, answer in zip(rollouts, answers):
-                r["answer"] = answer
-            return rollouts, [reward_fn(r["response"], r["answer"]) for r in rollouts]
-
+        # ---- rollouts: group_size samples for each question, graded (sample_groups above)
         n_groups, sampled = args.rollout_batch_size // args.group_size, {}
         if args.dynamic_sampling:
             rollouts, scores, sampled = harness.dynamic_sample(sample_groups, n_groups, args.group_size,
@@ -230,7 +232,6 @@ def main(args):
                                    for i in range(0, args.rollout_batch_size, micro)])
 
         # a forward pass for π_old only when a ratio needs it and a later update reuses these rollouts
-        needs_ratio = args.loss_type not in ("no_baseline", "reinforce_with_baseline")
         old_log_probs = all_log_probs(model) if needs_ratio and off_policy else None
         ref_log_probs = all_log_probs(ref_model) if ref_model is not None else None
         mx.eval(old_log_probs, ref_log_probs)

@@ -70,9 +70,7 @@ def check_inputs(parser, args, train_kind="qa"):
         if not (train_data and eval_data):
             tasks.check_task(args.task)
         if train_data:
-            first = open(train_data, encoding="utf-8").readline()
-            kind = "sft" if train_kind == "sft" and '"prompt"' in first else "qa" if train_kind == "sft" else train_kind
-            tasks.read_jsonl(train_data, kind)
+            tasks.read_jsonl(train_data, tasks.sft_kind(train_data) if train_kind == "sft" else train_kind)
         if eval_data:
             tasks.read_jsonl(eval_data, "qa")
         rewards.get_reward_fn(args.reward)
@@ -138,6 +136,28 @@ def lr_factor(step, warmup_steps, total_steps, final=0.1):
     return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def dynamic_sample(sample_groups, n_groups, group_size, max_rounds):
+    """DAPO's dynamic sampling. sample_groups(n) -> (rollouts, scores) for n new questions,
+    group_size of each, consecutive. A group whose rewards are all equal has zero advantage
+    and adds no gradient: it is dropped and more questions are sampled, for at most
+    max_rounds rounds; if the batch is still short it is topped up with dropped groups, so
+    every step trains on n_groups groups. Returns rollouts, scores, {generated, kept}."""
+    kept, dropped, generated = [], [], 0
+    for _ in range(max_rounds):
+        if len(kept) == n_groups:
+            break
+        rollouts, scores = sample_groups(n_groups - len(kept))
+        generated += len(rollouts) // group_size
+        for i in range(0, len(rollouts), group_size):
+            group = (rollouts[i : i + group_size], scores[i : i + group_size])
+            mixed = len({s["reward"] for s in group[1]}) > 1
+            (kept if mixed and len(kept) < n_groups else dropped).append(group)
+    n_mixed = len(kept)
+    groups = kept + dropped[: n_groups - len(kept)]
+    return ([r for g in groups for r in g[0]], [s for g in groups for s in g[1]],
+            {"groups_generated": generated, "groups_mixed_kept": n_mixed})
+
+
 def count_bad_steps(grad_norm, bad_steps, max_bad_steps):
     """Optimizer steps skipped in a row for a NaN / inf gradient (common.optimizer_step skips
     them), 0 after a good one. Stops the run with one line after max_bad_steps in a row: the
@@ -192,7 +212,6 @@ def print_summary(summary, title):
         f"  accuracy {summary['accuracy']:.1%}  (n={summary['n']})",
     ]
     print("\n".join(lines), flush=True)
-
 
 
 class MetricsLog:
@@ -252,28 +271,6 @@ def record_eval(rows, summary, out_dir, step, log):
                  f"mixed {summary['mixed_frac']:.1%} entropy {summary['sample_entropy']:.3f}")
     tqdm.write(line + f" (n={summary['n']})")
     return summary
-
-
-def dynamic_sample(sample_groups, n_groups, group_size, max_rounds):
-    """DAPO's dynamic sampling. sample_groups(n) -> (rollouts, scores) for n new questions,
-    group_size of each, consecutive. A group whose rewards are all equal has zero advantage
-    and adds no gradient: it is dropped and more questions are sampled, for at most
-    max_rounds rounds; if the batch is still short it is topped up with dropped groups, so
-    every step trains on n_groups groups. Returns rollouts, scores, {generated, kept}."""
-    kept, dropped, generated = [], [], 0
-    for _ in range(max_rounds):
-        if len(kept) == n_groups:
-            break
-        rollouts, scores = sample_groups(n_groups - len(kept))
-        generated += len(rollouts) // group_size
-        for i in range(0, len(rollouts), group_size):
-            group = (rollouts[i : i + group_size], scores[i : i + group_size])
-            mixed = len({s["reward"] for s in group[1]}) > 1
-            (kept if mixed and len(kept) < n_groups else dropped).append(group)
-    n_mixed = len(kept)
-    groups = kept + dropped[: n_groups - len(kept)]
-    return ([r for g in groups for r in g[0]], [s for g in groups for s in g[1]],
-            {"groups_generated": generated, "groups_mixed_kept": n_mixed})
 
 
 def write_summary(summary, out_dir, title):

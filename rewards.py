@@ -35,6 +35,11 @@ def parse_mmlu_response(mmlu_example, model_output):
 
 # ----------------------------------------------------------------------------- rewards
 
+def _zero():
+    """The score of anything unparseable, wrong or broken."""
+    return {"format_reward": 0.0, "answer_reward": 0.0, "reward": 0.0}
+
+
 MAX_ANSWER_CHARS = 300  # longer answers are never parsed symbolically (sympy bombs)
 
 
@@ -84,11 +89,11 @@ def r1_zero_reward_fn(response, ground_truth):
     try:
         answer = _tagged_answer(response[:100_000])
         if answer is None:
-            return {"format_reward": 0.0, "answer_reward": 0.0, "reward": 0.0}
+            return _zero()
         right = answers_match(answer, ground_truth)
         return {"format_reward": 1.0, "answer_reward": float(right), "reward": float(right)}
     except Exception:  # noqa: BLE001
-        return {"format_reward": 0.0, "answer_reward": 0.0, "reward": 0.0}
+        return _zero()
 
 
 def exact_match_reward_fn(response, ground_truth):
@@ -102,7 +107,7 @@ def exact_match_reward_fn(response, ground_truth):
         formatted = tagged is not None
         return {"format_reward": float(formatted), "answer_reward": float(right), "reward": float(formatted and right)}
     except Exception:  # noqa: BLE001
-        return {"format_reward": 0.0, "answer_reward": 0.0, "reward": 0.0}
+        return _zero()
 
 
 def closeness_reward_fn(response, ground_truth):
@@ -117,7 +122,7 @@ def closeness_reward_fn(response, ground_truth):
         right = float(a == g)
         return {"format_reward": 1.0, "answer_reward": right, "reward": 1.0 / (1.0 + min(abs(a - g), 1e12))}
     except Exception:  # noqa: BLE001
-        return {"format_reward": 0.0, "answer_reward": 0.0, "reward": 0.0}
+        return _zero()
 
 
 REWARDS = {"r1_zero": r1_zero_reward_fn, "exact": exact_match_reward_fn, "closeness": closeness_reward_fn}
@@ -146,7 +151,7 @@ def guarded(fn, seconds=0.8):
             return out
         except (Exception, _OutOfTime):  # noqa: BLE001 - whatever the reward does, the run goes on
             safe.failures += 1
-            return {"format_reward": 0.0, "answer_reward": 0.0, "reward": 0.0}
+            return _zero()
         finally:
             if timed:
                 signal.setitimer(signal.ITIMER_VIRTUAL, 0)

@@ -199,9 +199,21 @@ def load_examples(args, split, n):
     return read_jsonl(path, "qa")[:n] if path else task_split(args.task, split, n)
 
 
+def sft_kind(path):
+    """How sft.py reads a --train-data file: 'sft' when its first line is a {prompt, ...}
+    pair, else 'qa' (questions, turned into r1_zero traces). A bad first line is left for
+    read_jsonl to report with its line number."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            first = json.loads(f.readline() or "{}")
+        except json.JSONDecodeError:
+            return "qa"
+    return "sft" if isinstance(first, dict) and "prompt" in first else "qa"
+
+
 def sft_pairs(args):
     """(prompt, response) pairs: a JSONL of pairs, or r1_zero traces of a task / QA file."""
-    if args.train_data and "prompt" in json.loads(open(args.train_data).readline() or "{}"):
+    if args.train_data and sft_kind(args.train_data) == "sft":
         return [(r["prompt"], r["response"]) for r in read_jsonl(args.train_data, "sft")][: args.n_train]
     examples = load_examples(args, "train", args.n_train)
     return [(r1_zero_prompt(ex["question"]), r1_zero_trace(ex["reasoning"] or "", ex["answer"]))
