@@ -29,7 +29,7 @@ model = "smollm2-135m-instruct"  # local HF dir, hub id, or the embedded default
 task = "chain_sum"  # chain_sum, chain_sum_hard, basic_arithmetic, gsm_symbolic, or reasoning-gym name[:k=v,...]
 train_data = ""  # JSONL of {prompt, chosen, rejected}; else pairs from the policy's own samples
 eval_data = ""  # JSONL of your own held-out questions; overrides --task
-reward = "r1_zero"  # r1_zero, exact, closeness, path/to/file.py:function, or a weighted sum: r1_zero:1,closeness:0.2
+reward = "r1_zero"  # r1_zero, exact, closeness, digits, path/to/file.py:function, or a weighted sum: r1_zero:1,closeness:0.2
 out_dir = "runs/dpo"  # run directory
 cache_dir = ""  # where the embedded model is converted (default $NANOALIGN_CACHE or ~/.cache/nanoalign)
 # DPO

@@ -181,9 +181,22 @@ def test_weighted_reward_with_a_user_function():
 
 @pytest.mark.parametrize("response", ["", "</think> <answer>1e400</answer>", "</think> <answer>-9" + "9" * 5000 + "</answer>",
                                       "</think> <answer>nan</answer>", "\ud800</think> <answer>3</answer>"])
-def test_closeness_never_raises(response):
-    out = rewards.closeness_reward_fn(response, "3")
+@pytest.mark.parametrize("fn", [rewards.closeness_reward_fn, rewards.digits_reward_fn], ids=["closeness", "digits"])
+def test_partial_credit_never_raises(response, fn):
+    out = fn(response, "3")
     assert 0.0 <= out["reward"] <= 1.0
+
+
+@pytest.mark.parametrize("answer, truth, expected", [
+    ("124", "124", 1.0), ("134", "124", 2 / 3), ("-1", "-41", 1 / 3), ("41", "-41", 2 / 3),
+    ("1240", "124", 0.0), ("24", "124", 2 / 3), ("7", "8", 0.0), ("12.0", "12", 0.0)])
+def test_digits_reward_by_hand(answer, truth, expected):
+    # written out and aligned at the units digit: 134/124 agree in '1' and '4'; ' -1'/'-41' in '1';
+    # '1240'/' 124' nowhere; ' 24'/'124' in '2' and '4'; a decimal is not an integer answer
+    out = rewards.digits_reward_fn(f"x </think> <answer>{answer}</answer>", truth)
+    assert out["reward"] == pytest.approx(expected)
+    assert (out["format_reward"], out["answer_reward"]) == (1.0, float(answer == truth))
+    assert rewards.digits_reward_fn(f"x <answer>{answer}</answer>", truth)["reward"] == 0.0  # no format, no credit
 
 
 def test_unknown_reward_is_one_clear_error():

@@ -115,7 +115,7 @@ def test_hostile_output_scores_zero_and_is_bounded(name):
 
     import rewards
 
-    fn = rewards.get_reward_fn("r1_zero:1.0,closeness:0.2")
+    fn = rewards.get_reward_fn("r1_zero:1.0,closeness:0.2,digits:0.2")
     t0 = time.perf_counter()
     out = fn(HOSTILE[name], "3")
     assert time.perf_counter() - t0 < 3.0  # a bound on a hang (0.8 s of CPU), not a speed measurement
