@@ -37,7 +37,7 @@ model = "smollm2-135m-instruct"  # local HF dir, hub id, or the embedded default
 task = "chain_sum"  # chain_sum, chain_sum_hard, basic_arithmetic, gsm_symbolic, or reasoning-gym name[:k=v,...]
 train_data = ""  # JSONL of your own questions (MATH or GSM8K style); overrides --task
 eval_data = ""  # JSONL of your own held-out questions; overrides --task
-reward = "r1_zero"  # r1_zero, exact, closeness, path/to/file.py:function, or a weighted sum: r1_zero:1,closeness:0.2
+reward = "r1_zero"  # r1_zero, exact, closeness, digits, path/to/file.py:function, or a weighted sum: r1_zero:1,closeness:0.2
 out_dir = "runs/grpo"  # run directory: metrics.jsonl, checkpoints/, final/
 cache_dir = ""  # where the embedded model is converted (default $NANOALIGN_CACHE or ~/.cache/nanoalign)
 warmstart_steps = 25  # SFT steps on the task's traces before GRPO (0: start from --model as is)
@@ -216,11 +216,11 @@ def main(args):
             batch["response_mask"][truncated] = False
         batch = {k: v.to(device) for k, v in batch.items()}
         advantages, raw_rewards = advantages.to(device)[:, None], raw_rewards.to(device)[:, None]  # (B, 1)
-        prefix = harness.shared_prefix_length(batch["input_ids"].tolist())
+        skip = harness.positions(batch["input_ids"].tolist(), batch["response_mask"].tolist())  # work to skip
 
         def log_probs_of(m, rows, entropy=False):  # under the sampling distribution: softmax(logits / T)
             return common.get_response_log_probs(m, batch["input_ids"][rows], batch["labels"][rows], entropy,
-                                                 shared_prefix=prefix, temperature=args.temperature)
+                                                 temperature=args.temperature, **skip)
 
         def all_log_probs(m):
             with torch.no_grad():

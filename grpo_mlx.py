@@ -33,7 +33,7 @@ model = "smollm2-135m-instruct"  # local HF dir, hub id, or the embedded default
 task = "chain_sum"  # chain_sum, chain_sum_hard, basic_arithmetic, gsm_symbolic, or reasoning-gym name[:k=v,...]
 train_data = ""  # JSONL of your own questions (MATH or GSM8K style); overrides --task
 eval_data = ""  # JSONL of your own held-out questions; overrides --task
-reward = "r1_zero"  # r1_zero, exact, closeness, path/to/file.py:function, or a weighted sum: r1_zero:1,closeness:0.2
+reward = "r1_zero"  # r1_zero, exact, closeness, digits, path/to/file.py:function, or a weighted sum: r1_zero:1,closeness:0.2
 out_dir = "runs/grpo_mlx"  # run directory: metrics.jsonl, checkpoints/, final/
 cache_dir = ""  # where the embedded model is converted (default $NANOALIGN_CACHE or ~/.cache/nanoalign)
 warmstart_steps = 25  # SFT steps on the task's traces before GRPO (0: start from --model as is)
@@ -171,9 +171,9 @@ def main(args):
     needs_ratio = args.loss_type in common.RATIO_LOSSES
     micro, bad_steps = args.batch_size // args.grad_accum, 0
 
-    def loss_fn(model, batch, rows, advantages, raw_rewards, old_log_probs, ref_log_probs, step_tokens, prefix):
+    def loss_fn(model, batch, rows, advantages, raw_rewards, old_log_probs, ref_log_probs, step_tokens, skip):
         out = common.get_response_log_probs(model, batch["input_ids"][rows], batch["labels"][rows], True,
-                                            shared_prefix=prefix, temperature=args.temperature)  # softmax(logits / T)
+                                            temperature=args.temperature, **skip)  # softmax(logits / T)
         mask = batch["response_mask"][rows]
         old = mx.stop_gradient(out["log_probs"]) if old_log_probs is None else old_log_probs
         loss, stats = policy_loss(out["log_probs"], mask, advantages[rows], raw_rewards[rows], old, ref_log_probs,
@@ -222,13 +222,12 @@ def main(args):
         if args.mask_truncated:
             batch["response_mask"] = batch["response_mask"] & mx.array(~truncated)[:, None]
         advantages, raw_rewards = advantages[:, None], raw_rewards[:, None]  # (B, 1)
-        prefix = harness.shared_prefix_length(batch["input_ids"].tolist())
+        skip = harness.positions(batch["input_ids"].tolist(), batch["response_mask"].tolist())  # work to skip
 
         def all_log_probs(m):
             return mx.concatenate([common.get_response_log_probs(m, batch["input_ids"][i : i + micro],
                                                                  batch["labels"][i : i + micro],
-                                                                 shared_prefix=prefix,
-                                                                 temperature=args.temperature)["log_probs"]
+                                                                 temperature=args.temperature, **skip)["log_probs"]
                                    for i in range(0, args.rollout_batch_size, micro)])
 
         # a forward pass for π_old only when a ratio needs it and a later update reuses these rollouts
@@ -249,7 +248,7 @@ def main(args):
                     (loss, entropy, loss_stats), g = loss_and_grad(
                         model, batch, rows, advantages, raw_rewards,
                         None if old_log_probs is None else old_log_probs[rows],
-                        None if ref_log_probs is None else ref_log_probs[rows], step_tokens, prefix)
+                        None if ref_log_probs is None else ref_log_probs[rows], step_tokens, skip)
                     grads = g if grads is None else tree_map(mx.add, grads, g)
                     if m0 + micro < args.batch_size:  # bound memory to one microbatch's graph
                         mx.eval(grads)

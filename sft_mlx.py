@@ -89,8 +89,8 @@ def main(args):
     packed = packed_batches(args, tokenizer, pairs) if args.packed else None
     log = harness.MetricsLog(args.out_dir, args.wandb, vars(args))
 
-    def loss_fn(model, input_ids, labels, mask, prefix, tokens_per_example):
-        log_probs = common.get_response_log_probs(model, input_ids, labels, shared_prefix=prefix)["log_probs"]
+    def loss_fn(model, input_ids, labels, mask, skip, tokens_per_example):
+        log_probs = common.get_response_log_probs(model, input_ids, labels, **skip)["log_probs"]
         return common.sft_microbatch_train_step(log_probs, mask, args.grad_accum, tokens_per_example)[0]
 
     loss_and_grad = nn.value_and_grad(model, loss_fn)
@@ -106,10 +106,10 @@ def main(args):
                 cursor += micro
                 batch = common.tokenize_prompt_and_output([c[0] for c in chunk], [c[1] for c in chunk], tokenizer)
                 input_ids, labels, mask = batch["input_ids"], batch["labels"], batch["response_mask"]
-            prefix = 0 if packed else harness.shared_prefix_length(input_ids.tolist())
+            skip = harness.positions(input_ids.tolist(), mask.tolist())  # shared prefix, first scored position
             # normalized by the microbatch's mean completion length: a token-mean loss
             tokens_per_example = max(mask.sum().item(), 1) / len(mask)
-            loss, g = loss_and_grad(model, input_ids, labels, mask, prefix, tokens_per_example)
+            loss, g = loss_and_grad(model, input_ids, labels, mask, skip, tokens_per_example)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             if i + 1 < args.grad_accum:  # bound memory to one microbatch's graph: what accumulation is for
                 mx.eval(grads)

@@ -183,6 +183,29 @@ def test_get_response_log_probs_shared_prefix_matches_naive():
         assert torch.allclose(g_shared, p.grad, atol=1e-5), "shared-prefix gradients differ"
 
 
+@pytest.mark.parametrize("shared_prefix,score_from", [(0, 3), (4, 2), (4, 6), (0, 0)])
+def test_get_response_log_probs_score_from(shared_prefix, score_from):
+    # positions >= score_from: the full forward pass's values and gradients; before it: 0
+    model = tiny_llama(vocab_size=64, seed=0)
+    input_ids, labels = _random_ids((3, 9), 64, 1), _random_ids((3, 9), 64, 2)
+    input_ids[:, :4] = input_ids[0, :4]
+    expected_lp, expected_H = _naive_log_probs_and_entropy(model, input_ids, labels)
+    expected_lp[:, :score_from], expected_H[:, :score_from] = 0, 0
+    out = common.get_response_log_probs(model, input_ids, labels, True, shared_prefix=shared_prefix,
+                                        score_from=score_from)
+    assert out["log_probs"].shape == out["token_entropy"].shape == (3, 9)
+    _close(out["log_probs"].double(), expected_lp, atol=1e-5)
+    _close(out["token_entropy"].double(), expected_H, atol=1e-5)
+    weights = torch.linspace(-1, 1, 27).view(3, 9)
+    (out["log_probs"] * weights).sum().backward()
+    scored = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    full = adapters.run_get_response_log_probs(model, input_ids, labels, False)["log_probs"]
+    (full[:, score_from:] * weights[:, score_from:]).sum().backward()
+    for g, p in zip(scored, model.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-5), "score_from changes the gradient of the scored positions"
+
+
 def test_get_response_log_probs_gradient_flows():
     model = tiny_llama(vocab_size=64, seed=3)
     input_ids, labels = _random_ids((2, 5), 64, 4), _random_ids((2, 5), 64, 5)

@@ -176,15 +176,17 @@ def _close_grad(torch_grad, mlx_grad):
     _close(torch_grad, mlx_grad, atol=1e-5 * scale)
 
 
-@pytest.mark.parametrize("shared_prefix", [0, 5])
-def test_get_response_log_probs(models, shared_prefix):
+@pytest.mark.parametrize("shared_prefix,score_from", [(0, 0), (5, 0), (0, 4), (5, 3), (5, 7)])
+def test_get_response_log_probs(models, shared_prefix, score_from):
     torch_model, mlx_model = models["lm"]
     ids = _token_batch(K=5)
     x, y = ids[:, :-1], ids[:, 1:]
     weights = np.random.default_rng(1).standard_normal(y.shape).astype(np.float32)  # a generic scalar of log-probs
-    expected = common.get_response_log_probs(torch_model, torch.tensor(x), torch.tensor(y), return_token_entropy=True)
+    expected = common.get_response_log_probs(torch_model, torch.tensor(x), torch.tensor(y), return_token_entropy=True,
+                                             score_from=score_from)
     got = common_mlx.get_response_log_probs(
-        mlx_model, mx.array(x), mx.array(y), return_token_entropy=True, shared_prefix=shared_prefix
+        mlx_model, mx.array(x), mx.array(y), return_token_entropy=True, shared_prefix=shared_prefix,
+        score_from=score_from
     )
     # log-probs ~ -log V ~ -11: two frameworks' forward passes round differently, so 1e-5 abs
     # plus 1e-6 relative (~10 fp32 ulps; the largest difference seen is 6.7e-6)
@@ -192,11 +194,12 @@ def test_get_response_log_probs(models, shared_prefix):
     _close(expected["token_entropy"], got["token_entropy"], rtol=1e-6)
 
     def torch_scalar():
-        return (common.get_response_log_probs(torch_model, torch.tensor(x), torch.tensor(y))["log_probs"]
-                * torch.tensor(weights)).sum()
+        return (common.get_response_log_probs(torch_model, torch.tensor(x), torch.tensor(y),
+                                              score_from=score_from)["log_probs"] * torch.tensor(weights)).sum()
 
     def mlx_scalar():
-        lp = common_mlx.get_response_log_probs(mlx_model, mx.array(x), mx.array(y), shared_prefix=shared_prefix)
+        lp = common_mlx.get_response_log_probs(mlx_model, mx.array(x), mx.array(y), shared_prefix=shared_prefix,
+                                               score_from=score_from)
         return (lp["log_probs"] * mx.array(weights)).sum()
 
     _close_grad(_torch_embedding_grad(torch_model, torch_scalar), _mlx_embedding_grad(mlx_model, mlx_scalar))
