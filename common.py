@@ -59,30 +59,49 @@ def compute_entropy(logits):
     return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z.masked_fill(z.isinf(), 0)).sum(-1)
 
 
-def get_response_log_probs(model, input_ids, labels, return_token_entropy=False, shared_prefix=0, temperature=1.0):
+def get_response_log_probs(model, input_ids, labels, return_token_entropy=False, shared_prefix=0, temperature=1.0,
+                           score_from=0):
     """log p(labels | prefix) under a causal LM. input_ids, labels (B, T) -> log_probs (B, T)
     [and token_entropy (B, T)]. log p = z[label] - logsumexp(z), no full log-softmax copy.
     shared_prefix=K (rows identical in their first K tokens, e.g. the r1_zero instructions):
     those K tokens go through the model once and their KV cache is shared by every row;
     same result, gradients included, at a fraction of the cost. temperature=T: log-probs of
     softmax(z / T), the distribution a rollout at temperature T was sampled from, so that
-    the policy gradient is that of the sampling policy (1.0: the model's own)."""
+    the policy gradient is that of the sampling policy (1.0: the model's own).
+    score_from=S: positions before S are not scored (log-prob and entropy 0 there) and the LM
+    head, a 49k-wide fp32 matmul per position, runs only on positions S.. (pass the first
+    response position: the loss looks nowhere else)."""
+    T = input_ids.shape[1]
+    S = min(score_from, T - 1)
     if shared_prefix <= 0:
-        return _log_probs_from_logits(_tempered(model(input_ids).logits, temperature), labels, return_token_entropy)
+        logits = model(input_ids, logits_to_keep=T - S).logits
+        return _scored(_log_probs_from_logits(_tempered(logits, temperature), labels[:, S:], return_token_entropy), S)
     from transformers import DynamicCache
 
     B, K, cache = input_ids.shape[0], shared_prefix, DynamicCache()
-    head = _tempered(model(input_ids[:1, :K], past_key_values=cache, use_cache=True).logits[0].float(), temperature)  # (K, V)
+    head = model(input_ids[:1, :K], past_key_values=cache, use_cache=True, logits_to_keep=max(1, K - S)).logits[0]
     cache.batch_repeat_interleave(B)  # differentiable copy: gradients flow back into the prefix
-    tail = _tempered(model(input_ids[:, K:], past_key_values=cache, use_cache=True).logits, temperature)  # (B, T-K, V)
+    tail_from = max(S, K)  # first scored position inside the tail
+    tail = _tempered(model(input_ids[:, K:], past_key_values=cache, use_cache=True, logits_to_keep=T - tail_from).logits,
+                     temperature)  # (B, T - tail_from, V)
+    out = _scored(_log_probs_from_logits(tail, labels[:, tail_from:], return_token_entropy), tail_from - K)
+    if S >= K:  # nothing scored in the prefix
+        return _scored(out, K)
     # the prefix positions' distributions are the same in every row: normalize them once
-    head_log_probs = head[torch.arange(K), labels[:, :K]] - torch.logsumexp(head, dim=-1)  # (B, K)
-    out = _log_probs_from_logits(tail, labels[:, K:], return_token_entropy)
+    head, positions = _tempered(head.float(), temperature), torch.arange(S, K)  # head: (K - S, V)
+    head_log_probs = head[positions - S, labels[:, S:K]] - torch.logsumexp(head, dim=-1)  # (B, K - S)
     out["log_probs"] = torch.cat([head_log_probs, out["log_probs"]], 1)
     if return_token_entropy:
         with torch.no_grad():
-            out["token_entropy"] = torch.cat([compute_entropy(head).expand(B, K), out["token_entropy"]], 1)
-    return out
+            out["token_entropy"] = torch.cat([compute_entropy(head).expand(B, K - S), out["token_entropy"]], 1)
+    return _scored(out, S)
+
+
+def _scored(out, n_skipped):
+    """Left-pad each (B, t) tensor in out with n_skipped zero columns: the unscored positions."""
+    if n_skipped == 0:
+        return out
+    return {k: F.pad(v, (n_skipped, 0)) for k, v in out.items()}
 
 
 def _tempered(logits, temperature):
@@ -683,13 +702,13 @@ def resume(ckpt, model, optimizer, scheduler):
 
 
 def completion_log_probs(model, tokenizer, prompts, responses, return_token_entropy=False):
-    """log p of each response given its prompt, (B, T) with the response mask, sharing the
-    forward pass of the prompts' common prefix."""
+    """log p of each response given its prompt, (B, T) with the response mask (0 before the
+    first response token), sharing the forward pass of the prompts' common prefix."""
     batch = tokenize_prompt_and_output(prompts, responses, tokenizer)
     device = next(model.parameters()).device
     input_ids, labels, mask = (batch[k].to(device) for k in ("input_ids", "labels", "response_mask"))
     out = get_response_log_probs(model, input_ids, labels, return_token_entropy,
-                                 shared_prefix=harness.shared_prefix_length(input_ids.tolist()))
+                                 **harness.positions(input_ids.tolist(), mask.tolist()))
     return out, mask
 
 

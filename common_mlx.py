@@ -69,31 +69,57 @@ def compute_entropy(logits):
     return mx.logsumexp(z, axis=-1) - (mx.softmax(z, axis=-1) * mx.where(mx.isinf(z), 0, z)).sum(-1)
 
 
-def get_response_log_probs(model, input_ids, labels, return_token_entropy=False, shared_prefix=0, temperature=1.0):
+def get_response_log_probs(model, input_ids, labels, return_token_entropy=False, shared_prefix=0, temperature=1.0,
+                           score_from=0):
     """log p(labels | prefix) under an mlx-lm causal LM. input_ids, labels (B, T) -> log_probs
     (B, T) [and token_entropy (B, T)]. log p = z[label] - logsumexp(z), no full log-softmax copy.
     shared_prefix=K (rows identical in their first K tokens, e.g. the r1_zero instructions):
     those K tokens go through the model once and their KV cache is shared by every row;
     same result, gradients included, at a fraction of the cost. temperature=T: log-probs of
     softmax(z / T), the distribution a rollout at temperature T was sampled from, so that
-    the policy gradient is that of the sampling policy (1.0: the model's own)."""
+    the policy gradient is that of the sampling policy (1.0: the model's own).
+    score_from=S: positions before S are not scored (log-prob and entropy 0 there) and the LM
+    head, a 49k-wide fp32 matmul per position, runs only on positions S.. (pass the first
+    response position: the loss looks nowhere else)."""
+    T = input_ids.shape[1]
+    S = min(score_from, T - 1)
     if shared_prefix <= 0:
-        return _log_probs_from_logits(_tempered(model(input_ids), temperature), labels, return_token_entropy)
+        logits = _logits(model, input_ids, None, T - S)
+        return _scored(_log_probs_from_logits(_tempered(logits, temperature), labels[:, S:], return_token_entropy), S)
     from mlx_lm.models.cache import make_prompt_cache
 
     B, K, cache = input_ids.shape[0], shared_prefix, make_prompt_cache(model)
-    head = _tempered(model(input_ids[:1, :K], cache=cache)[0].astype(mx.float32), temperature)  # (K, V)
+    head = _logits(model, input_ids[:1, :K], cache, max(1, K - S))[0]
     for c in cache:  # differentiable copy: gradients flow back into the prefix
         c.keys, c.values = (mx.repeat(a[..., : c.offset, :], B, axis=0) for a in (c.keys, c.values))
-    tail = _tempered(model(input_ids[:, K:], cache=cache), temperature)  # (B, T-K, V)
+    tail_from = max(S, K)  # first scored position inside the tail
+    tail = _tempered(_logits(model, input_ids[:, K:], cache, T - tail_from), temperature)  # (B, T - tail_from, V)
+    out = _scored(_log_probs_from_logits(tail, labels[:, tail_from:], return_token_entropy), tail_from - K)
+    if S >= K:  # nothing scored in the prefix
+        return _scored(out, K)
     # the prefix positions' distributions are the same in every row: normalize them once
-    head_log_probs = head[mx.arange(K), labels[:, :K]] - mx.logsumexp(head, axis=-1)  # (B, K)
-    out = _log_probs_from_logits(tail, labels[:, K:], return_token_entropy)
+    head, positions = _tempered(head.astype(mx.float32), temperature), mx.arange(S, K)  # head: (K - S, V)
+    head_log_probs = head[positions - S, labels[:, S:K]] - mx.logsumexp(head, axis=-1)  # (B, K - S)
     out["log_probs"] = mx.concatenate([head_log_probs, out["log_probs"]], axis=1)
     if return_token_entropy:
-        head_entropy = mx.stop_gradient(mx.broadcast_to(compute_entropy(head), (B, K)))
+        head_entropy = mx.stop_gradient(mx.broadcast_to(compute_entropy(head), (B, K - S)))
         out["token_entropy"] = mx.concatenate([head_entropy, out["token_entropy"]], axis=1)
-    return out
+    return _scored(out, S)
+
+
+def _scored(out, n_skipped):
+    """Left-pad each (B, t) array in out with n_skipped zero columns: the unscored positions."""
+    if n_skipped == 0:
+        return out
+    return {k: mx.pad(v, [(0, 0), (n_skipped, 0)]) for k, v in out.items()}
+
+
+def _logits(model, tokens, cache, keep):
+    """Logits (B, keep, V) of the last `keep` positions of tokens (B, S): the LM head runs on
+    those only (torch's twin is the logits_to_keep argument of a transformers model)."""
+    h = model.model(tokens, cache=cache)[:, -keep:]
+    head = model.lm_head if hasattr(model, "lm_head") else model.model.embed_tokens.as_linear
+    return head(h)
 
 
 def _tempered(logits, temperature):
@@ -542,11 +568,8 @@ def _generate_batch(model, tokenizer, prompt_ids, sampling, generator):
 
 
 def _last_logits(model, tokens, cache):
-    """Next-token logits (B, V) fp32 after tokens (B, S): the LM head only on the last position
-    (torch's twin is the logits_to_keep=1 argument of a transformers model)."""
-    h = model.model(tokens, cache=cache)[:, -1:]
-    head = model.lm_head if hasattr(model, "lm_head") else model.model.embed_tokens.as_linear
-    return head(h)[:, -1].astype(mx.float32)
+    """Next-token logits (B, V) fp32 after tokens (B, S): the LM head only on the last position."""
+    return _logits(model, tokens, cache, 1)[:, -1].astype(mx.float32)
 
 
 def evaluate(model, tokenizer, examples, reward_fn, sampling, batch_size=64, generator=None, desc="eval"):

@@ -128,6 +128,14 @@ def shared_prefix_length(sequences, keep_last=1):
     return k
 
 
+def positions(input_ids, response_mask):
+    """How a training forward pass can skip work on a batch (lists of rows): shared_prefix, the
+    tokens common to every row (run once, KV cache shared), and score_from, the first column
+    where any row has a response token (the LM head runs from there only)."""
+    starts = [row.index(True) for row in response_mask if True in row]
+    return {"shared_prefix": shared_prefix_length(input_ids), "score_from": min(starts, default=0)}
+
+
 def lr_factor(step, warmup_steps, total_steps, final=0.1):
     """Learning-rate multiplier: linear warmup, then cosine decay to `final`."""
     if step < warmup_steps:
