@@ -71,4 +71,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    harness.exit_on_oom(main, parse_args(), "--eval-batch-size, --max-new-tokens")

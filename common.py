@@ -643,12 +643,11 @@ def save_pretrained(model, tokenizer, path):
             json.dump(config, f, indent=2)
 
 
-def save_checkpoint(out_dir, step, model, tokenizer, optimizer, scheduler, cursor):
+def save_checkpoint(out_dir, step, model, tokenizer, optimizer, scheduler, cursor, keep=0):
     """<out_dir>/checkpoints/step_N: HF weights + train_state.pt (optimizer, scheduler, RNG,
-    data cursor, step, and for LoRA the adapter weights). Written to a temp dir, then
-    renamed, so a crash mid-save never leaves a half checkpoint behind."""
-    import os
-    import shutil
+    data cursor, step, and for LoRA the adapter weights). Written to a temp dir, fsynced and
+    renamed (harness.commit_checkpoint), so a crash mid-save never leaves a half checkpoint
+    behind; keeps the last `keep` checkpoints (0: all)."""
     import tempfile
 
     root = os.path.join(out_dir, "checkpoints")
@@ -660,10 +659,7 @@ def save_checkpoint(out_dir, step, model, tokenizer, optimizer, scheduler, curso
     state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "cursor": cursor, "step": step,
              "rng": rng_state(), "adapter": trainable}
     torch.save(state, os.path.join(tmp, "train_state.pt"))
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    return final
+    return harness.commit_checkpoint(tmp, final, keep)
 
 
 def load_train_state(path, model):

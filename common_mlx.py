@@ -651,12 +651,12 @@ def save_pretrained(model, tokenizer, path):
         json.dump(config, f, indent=2)
 
 
-def save_checkpoint(out_dir, step, model, tokenizer, optimizer, scheduler, cursor):
+def save_checkpoint(out_dir, step, model, tokenizer, optimizer, scheduler, cursor, keep=0):
     """<out_dir>/checkpoints/step_N: HF weights + train_state.pkl (optimizer with its step,
-    RNG, data cursor, step, and for LoRA the adapter weights). Written to a temp dir, then
-    renamed, so a crash mid-save never leaves a half checkpoint behind."""
+    RNG, data cursor, step, and for LoRA the adapter weights). Written to a temp dir, fsynced and
+    renamed (harness.commit_checkpoint), so a crash mid-save never leaves a half checkpoint
+    behind; keeps the last `keep` checkpoints (0: all)."""
     import pickle
-    import shutil
     import tempfile
 
     root = os.path.join(out_dir, "checkpoints")
@@ -670,10 +670,7 @@ def save_checkpoint(out_dir, step, model, tokenizer, optimizer, scheduler, curso
              "adapter": adapter}
     with open(os.path.join(tmp, "train_state.pkl"), "wb") as f:
         pickle.dump(state, f)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    return final
+    return harness.commit_checkpoint(tmp, final, keep)
 
 
 def load_train_state(path, model):

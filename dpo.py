@@ -60,6 +60,7 @@ eval_batch_size = 64
 eval_every = 0  # steps between held-out evaluations (0: only at the end)
 eval_samples = 0  # k > 0: also k samples per held-out question (sampling settings): mean@k, pass@k, entropy
 save_every = 0  # steps between checkpoints (0: only the final model)
+keep_checkpoints = 2  # checkpoints kept on disk, the latest (0: all)
 resume = False  # continue the run in --out-dir from its latest checkpoint
 wandb = False  # also log to Weights & Biases
 seed = 0
@@ -120,7 +121,7 @@ def main(args):
     train_examples = None if file_pairs else tasks.load_examples(args, "train", args.n_train)
     eval_examples = tasks.load_examples(args, "eval", args.n_eval)
     start_step, cursor = common.resume(ckpt, model, optimizer, scheduler)
-    log = harness.MetricsLog(args.out_dir, args.wandb, vars(args))
+    log = harness.MetricsLog(args.out_dir, args.wandb, vars(args), resume_step=start_step)
     micro, summary, bad_steps = args.batch_size // args.grad_accum, None, 0
 
     model.train()
@@ -155,10 +156,14 @@ def main(args):
         bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['accuracy']:.2f}", pairs=len(pairs))
         if harness.due(step + 1, args.eval_every, args.n_steps):
             summary = common.evaluate_and_log(model, tokenizer, eval_examples, args, step + 1, log)
-        if harness.due(step + 1, args.save_every, args.n_steps, at_end=False):
-            common.save_checkpoint(args.out_dir, step + 1, model, tokenizer, optimizer, scheduler, cursor)
+        stop = harness.ctrl_c_pressed(step + 1, args.n_steps)  # Ctrl-C: save this step, then exit with status 130
+        if stop or harness.due(step + 1, args.save_every, args.n_steps, at_end=False):
+            common.save_checkpoint(args.out_dir, step + 1, model, tokenizer, optimizer, scheduler, cursor,
+                                   keep=args.keep_checkpoints)
+        if stop:
+            raise SystemExit(130)
     return common.finish(args, model, tokenizer, summary, f"held-out after {args.n_steps} DPO steps")
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    harness.exit_on_oom(main, parse_args(), "--batch-size (or raise --grad-accum), --max-new-tokens, --eval-batch-size")

@@ -59,6 +59,7 @@ eval_batch_size = 64
 eval_every = 1  # steps between held-out evaluations (0: only at the end)
 eval_samples = 0  # k > 0: also k samples per held-out question (sampling settings): mean@k, pass@k, entropy
 save_every = 0  # steps between checkpoints (0: only the final model)
+keep_checkpoints = 2  # checkpoints kept on disk, the latest (0: all)
 resume = False  # continue the run in --out-dir from its latest checkpoint
 wandb = False  # also log to Weights & Biases
 seed = 0
@@ -85,7 +86,7 @@ def main(args):
     eval_examples = tasks.load_examples(args, "eval", args.n_eval)
     reward_fn = rewards.get_reward_fn(args.reward)
     start_step, cursor = common.resume(ckpt, model, optimizer, scheduler)
-    log = harness.MetricsLog(args.out_dir, args.wandb, vars(args))
+    log = harness.MetricsLog(args.out_dir, args.wandb, vars(args), resume_step=start_step)
     micro, summary, bad_steps = args.batch_size // args.grad_accum, None, 0
 
     for ei_step in range(start_step, args.n_ei_steps):
@@ -129,10 +130,14 @@ def main(args):
             row["eval_accuracy"] = summary["accuracy"]
         log(row)
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-        if harness.due(ei_step + 1, args.save_every, args.n_ei_steps, at_end=False):
-            common.save_checkpoint(args.out_dir, ei_step + 1, model, tokenizer, optimizer, scheduler, cursor)
+        stop = harness.ctrl_c_pressed(ei_step + 1, args.n_ei_steps)  # Ctrl-C: save this step, then exit (status 130)
+        if stop or harness.due(ei_step + 1, args.save_every, args.n_ei_steps, at_end=False):
+            common.save_checkpoint(args.out_dir, ei_step + 1, model, tokenizer, optimizer, scheduler, cursor,
+                                   keep=args.keep_checkpoints)
+        if stop:
+            raise SystemExit(130)
     return common.finish(args, model, tokenizer, summary, f"held-out after {args.n_ei_steps} expert-iteration steps")
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    harness.exit_on_oom(main, parse_args(), "--batch-size (or raise --grad-accum), --max-new-tokens, --eval-batch-size")

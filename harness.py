@@ -1,15 +1,20 @@
 """The run harness every script shares, framework-free: flags built from a script's
 defaults block, the sampling settings, the data cursor, the LR schedule, checkpoint
-lookup and the metrics log.
+lookup and atomic commit, stopping (Ctrl-C, out of memory) and the metrics log.
 """
 
 import argparse
 import dataclasses
+import glob
 import json
 import math
 import os
 import random
 import re
+import shutil
+import signal
+import sys
+import threading
 from pathlib import Path
 
 import tasks
@@ -190,11 +195,88 @@ def due(step, every, n_steps, at_end=True):
 
 def latest_checkpoint(out_dir):
     """<out_dir>/checkpoints/step_N with the largest N, or None (each one is complete: they
-    are written to a temp dir and renamed)."""
-    import glob
-
+    are written to a temp dir and renamed, commit_checkpoint)."""
     found = sorted(glob.glob(os.path.join(out_dir, "checkpoints", "step_*")))
     return found[-1] if found else None
+
+
+def commit_checkpoint(tmp, final, keep=0):
+    """Publish a checkpoint written to the temp dir tmp (.tmp-* next to it) as final, atomically:
+    fsync its files and itself, rename, fsync the parent, so that after a kill or a power cut
+    final is either complete or absent. Then delete the temp dirs a killed save left and all
+    but the last `keep` checkpoints (0: keep all). Returns final."""
+    root = os.path.dirname(final)
+    for name in os.listdir(tmp):  # flat: save_pretrained writes no subdirectories
+        _fsync(os.path.join(tmp, name))
+    _fsync(tmp)
+    if os.path.exists(final):  # the same step saved again (a rerun): the old one goes with the stale temp dirs
+        os.rename(final, tmp + "-old")
+    os.rename(tmp, final)
+    _fsync(root)
+    for stale in glob.glob(os.path.join(root, ".tmp-*")):
+        shutil.rmtree(stale, ignore_errors=True)
+    if keep > 0:
+        for old in sorted(glob.glob(os.path.join(root, "step_*")))[:-keep]:
+            if old != final:  # (a rerun's step older than those of the run before it stays)
+                shutil.rmtree(old)
+    return final
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)  # a directory too: that makes its entries (a rename) durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- stopping: Ctrl-C, out of memory
+
+_ctrl_c = {"pressed": False, "previous": None}  # a signal handler is process-wide: so is its state
+
+
+def _on_ctrl_c(signum, frame):
+    if _ctrl_c["pressed"]:  # the second one: Python's handler back, and stop now
+        signal.signal(signal.SIGINT, _ctrl_c["previous"])
+        _ctrl_c.update(pressed=False, previous=None)
+        raise KeyboardInterrupt
+    _ctrl_c["pressed"] = True
+    print("\nnanoalign: Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again stops at once)",
+          file=sys.stderr, flush=True)
+
+
+def ctrl_c_pressed(step, n_steps):
+    """The check at the end of training step `step` (1-based): whether Ctrl-C came during the run.
+    The loop then saves this step and exits with status 130 (the shell's code for Ctrl-C, so
+    `sft.py && grpo.py` stops too). The first call installs the handler (before a run's first
+    step ends Ctrl-C stops at once: there is nothing to save); the last step's call, or a True
+    answer, restores Python's. While it is installed a first Ctrl-C only sets the flag and a
+    second raises KeyboardInterrupt at once."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        return False
+    pressed = _ctrl_c["pressed"]
+    if pressed or step >= n_steps:
+        if _ctrl_c["previous"] is not None:
+            signal.signal(signal.SIGINT, _ctrl_c["previous"])
+        _ctrl_c.update(pressed=False, previous=None)
+    elif _ctrl_c["previous"] is None:
+        _ctrl_c["previous"] = signal.signal(signal.SIGINT, _on_ctrl_c)
+    if pressed:
+        print(f"nanoalign: Ctrl-C: saving step {step} and stopping; continue with --resume and the same --out-dir",
+              file=sys.stderr, flush=True)
+    return pressed
+
+
+def exit_on_oom(main, args, flags):
+    """main(args), except that running out of memory (torch's OutOfMemoryError, CUDA / MPS / Metal
+    'out of memory') ends the run with one line naming the flags that bound memory, not a traceback."""
+    try:
+        return main(args)
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        if not re.search(r"out ?of ?memory", f"{type(e).__name__} {e}", re.I):
+            raise
+        raise SystemExit(f"nanoalign: out of memory ({type(e).__name__}): lower {flags}, then rerun "
+                         "(add --resume to continue from the last checkpoint)") from None
 
 
 # ----------------------------------------------------------------------------- logging
@@ -223,10 +305,15 @@ def print_summary(summary, title):
 
 
 class MetricsLog:
-    """One dict per call appended to <out_dir>/metrics.jsonl (and wandb with --wandb)."""
+    """One dict per call appended to <out_dir>/metrics.jsonl (and wandb with --wandb).
+    resume_step=N > 0 (a run resumed from its step-N checkpoint): the rows a killed run logged
+    after step N are dropped first (from eval_samples.jsonl too), so no step is logged twice."""
 
-    def __init__(self, out_dir, use_wandb=False, config=None):
+    def __init__(self, out_dir, use_wandb=False, config=None, resume_step=0):
         self.path = Path(out_dir) / "metrics.jsonl"
+        if resume_step:
+            for path in (self.path, Path(out_dir) / "eval_samples.jsonl"):
+                _drop_rows_after(path, resume_step)
         self.wandb = None
         if use_wandb:
             import wandb
@@ -238,6 +325,19 @@ class MetricsLog:
         write_jsonl(self.path, [row], "a")
         if self.wandb:
             self.wandb.log(row, step=row["step"])
+
+
+def _drop_rows_after(path, step):
+    def step_of(line):
+        try:
+            return json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+            return math.inf
+
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if step_of(line) <= step]
+        path.with_suffix(".tmp").write_text("".join(line + "\n" for line in kept))
+        os.replace(path.with_suffix(".tmp"), path)
 
 
 def write_jsonl(path, rows, mode="w"):

@@ -13,6 +13,7 @@ through the model once per microbatch (common.get_response_log_probs(shared_pref
 """
 
 import os
+import random
 import time
 
 import torch
@@ -53,6 +54,7 @@ eval_batch_size = 64
 eval_every = 0  # steps between held-out evaluations (0: only at the end)
 eval_samples = 0  # k > 0: also k samples per held-out question (sampling settings): mean@k, pass@k, entropy
 save_every = 0  # steps between checkpoints (0: only the final model)
+keep_checkpoints = 2  # checkpoints kept on disk, the latest (0: all)
 resume = False  # continue the run in --out-dir from its latest checkpoint
 wandb = False  # also log to Weights & Biases
 seed = 0
@@ -68,14 +70,21 @@ def parse_args(argv=None):
     return args
 
 
-def packed_batches(args, tokenizer, pairs):
-    """An endless stream of packed (input_ids, labels, mask) microbatches."""
+def packed_dataset(args, tokenizer, pairs):
+    """The pairs as Alpaca documents (seeded shuffle) packed into --seq-length chunks."""
+    rows = [{"prompt": p, "response": r} for p, r in pairs]
+    random.Random(args.seed).shuffle(rows)  # not the global RNG, which resume() restores: the same chunks on resume
     path = os.path.join(args.out_dir, "train_pairs.jsonl")
-    harness.write_jsonl(path, [{"prompt": p, "response": r} for p, r in pairs])
-    dataset = common.get_packed_sft_dataset(tokenizer, path, args.seq_length, shuffle=True)
-    while True:
-        for b in common.iterate_batches(dataset, args.batch_size // args.grad_accum, shuffle=True):
-            yield b["input_ids"], b["labels"], torch.ones_like(b["labels"], dtype=torch.bool)
+    harness.write_jsonl(path, rows)
+    return common.get_packed_sft_dataset(tokenizer, path, args.seq_length, shuffle=False)
+
+
+def packed_batch(dataset, cursor, n, seed):
+    """Chunks cursor .. cursor+n of the packed dataset's endless seeded shuffle (harness.take, so a
+    resumed run goes on where it stopped) -> input_ids, labels, mask (n, L): loss on every token."""
+    rows = harness.take(dataset, cursor, n, seed)
+    input_ids, labels = (torch.stack([r[k] for r in rows]) for k in ("input_ids", "labels"))
+    return input_ids, labels, torch.ones_like(labels, dtype=torch.bool)
 
 
 def main(args):
@@ -87,8 +96,8 @@ def main(args):
     pairs = tasks.sft_pairs(args)
     eval_examples = tasks.load_examples(args, "eval", args.n_eval)
     start_step, cursor = common.resume(ckpt, model, optimizer, scheduler)
-    packed = packed_batches(args, tokenizer, pairs) if args.packed else None
-    log = harness.MetricsLog(args.out_dir, args.wandb, vars(args))
+    packed = packed_dataset(args, tokenizer, pairs) if args.packed else None
+    log = harness.MetricsLog(args.out_dir, args.wandb, vars(args), resume_step=start_step)
     device = next(model.parameters()).device
 
     micro, summary, bad_steps = args.batch_size // args.grad_accum, None, 0
@@ -98,13 +107,13 @@ def main(args):
         t0, total_loss, n_tokens = time.perf_counter(), 0.0, 0
         for _ in range(args.grad_accum):
             if packed:
-                input_ids, labels, mask = (x.to(device) for x in next(packed))
+                input_ids, labels, mask = (x.to(device) for x in packed_batch(packed, cursor, micro, args.seed))
                 log_probs = common.get_response_log_probs(model, input_ids, labels)["log_probs"]
             else:
                 chunk = harness.take(pairs, cursor, micro, args.seed)
-                cursor += micro
                 out, mask = common.completion_log_probs(model, tokenizer, [c[0] for c in chunk], [c[1] for c in chunk])
                 log_probs = out["log_probs"]
+            cursor += micro
             # normalized by the microbatch's mean completion length: a token-mean loss
             tokens_per_example = mask.sum().clamp(min=1).item() / len(mask)
             loss, _ = common.sft_microbatch_train_step(log_probs, mask, args.grad_accum, tokens_per_example)
@@ -119,10 +128,15 @@ def main(args):
         bar.set_postfix(loss=f"{total_loss:.3f}", s=f"{row['step_s']:.1f}")
         if harness.due(step + 1, args.eval_every, args.n_steps):
             summary = common.evaluate_and_log(model, tokenizer, eval_examples, args, step + 1, log)
-        if harness.due(step + 1, args.save_every, args.n_steps, at_end=False):
-            common.save_checkpoint(args.out_dir, step + 1, model, tokenizer, optimizer, scheduler, cursor)
+        stop = harness.ctrl_c_pressed(step + 1, args.n_steps)  # Ctrl-C: save this step, then exit with status 130
+        if stop or harness.due(step + 1, args.save_every, args.n_steps, at_end=False):
+            common.save_checkpoint(args.out_dir, step + 1, model, tokenizer, optimizer, scheduler, cursor,
+                                   keep=args.keep_checkpoints)
+        if stop:
+            raise SystemExit(130)
     return common.finish(args, model, tokenizer, summary, f"held-out after {args.n_steps} SFT steps")
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    harness.exit_on_oom(main, parse_args(), "--batch-size (or raise --grad-accum), --seq-length with --packed, "
+                                           "--eval-batch-size, --max-new-tokens")

@@ -10,6 +10,7 @@ completion only (token-mean per microbatch), or --packed Alpaca documents.
 """
 
 import os
+import random
 import time
 
 import common_mlx as common  # first: it loads a fast BLAS before mlx.core on Linux
@@ -52,6 +53,7 @@ eval_batch_size = 64
 eval_every = 0  # steps between held-out evaluations (0: only at the end)
 eval_samples = 0  # k > 0: also k samples per held-out question (sampling settings): mean@k, pass@k, entropy
 save_every = 0  # steps between checkpoints (0: only the final model)
+keep_checkpoints = 2  # checkpoints kept on disk, the latest (0: all)
 resume = False  # continue the run in --out-dir from its latest checkpoint
 wandb = False  # also log to Weights & Biases
 seed = 0
@@ -67,14 +69,21 @@ def parse_args(argv=None):
     return args
 
 
-def packed_batches(args, tokenizer, pairs):
-    """An endless stream of packed (input_ids, labels, mask) microbatches."""
+def packed_dataset(args, tokenizer, pairs):
+    """The pairs as Alpaca documents (seeded shuffle) packed into --seq-length chunks."""
+    rows = [{"prompt": p, "response": r} for p, r in pairs]
+    random.Random(args.seed).shuffle(rows)  # not the global RNG, which resume() restores: the same chunks on resume
     path = os.path.join(args.out_dir, "train_pairs.jsonl")
-    harness.write_jsonl(path, [{"prompt": p, "response": r} for p, r in pairs])
-    dataset = common.get_packed_sft_dataset(tokenizer, path, args.seq_length, shuffle=True)
-    while True:
-        for b in common.iterate_batches(dataset, args.batch_size // args.grad_accum, shuffle=True):
-            yield b["input_ids"], b["labels"], mx.ones(b["labels"].shape, dtype=mx.bool_)
+    harness.write_jsonl(path, rows)
+    return common.get_packed_sft_dataset(tokenizer, path, args.seq_length, shuffle=False)
+
+
+def packed_batch(dataset, cursor, n, seed):
+    """Chunks cursor .. cursor+n of the packed dataset's endless seeded shuffle (harness.take, so a
+    resumed run goes on where it stopped) -> input_ids, labels, mask (n, L): loss on every token."""
+    rows = harness.take(dataset, cursor, n, seed)
+    input_ids, labels = (mx.stack([r[k] for r in rows]) for k in ("input_ids", "labels"))
+    return input_ids, labels, mx.ones(labels.shape, dtype=mx.bool_)
 
 
 def main(args):
@@ -86,8 +95,8 @@ def main(args):
     pairs = tasks.sft_pairs(args)
     eval_examples = tasks.load_examples(args, "eval", args.n_eval)
     start_step, cursor = common.resume(ckpt, model, optimizer, scheduler)
-    packed = packed_batches(args, tokenizer, pairs) if args.packed else None
-    log = harness.MetricsLog(args.out_dir, args.wandb, vars(args))
+    packed = packed_dataset(args, tokenizer, pairs) if args.packed else None
+    log = harness.MetricsLog(args.out_dir, args.wandb, vars(args), resume_step=start_step)
 
     def loss_fn(model, input_ids, labels, mask, skip, tokens_per_example):
         log_probs = common.get_response_log_probs(model, input_ids, labels, **skip)["log_probs"]
@@ -100,12 +109,12 @@ def main(args):
         t0, losses, n_tokens, grads = time.perf_counter(), [], 0, None
         for i in range(args.grad_accum):
             if packed:
-                input_ids, labels, mask = next(packed)
+                input_ids, labels, mask = packed_batch(packed, cursor, micro, args.seed)
             else:
                 chunk = harness.take(pairs, cursor, micro, args.seed)
-                cursor += micro
                 batch = common.tokenize_prompt_and_output([c[0] for c in chunk], [c[1] for c in chunk], tokenizer)
                 input_ids, labels, mask = batch["input_ids"], batch["labels"], batch["response_mask"]
+            cursor += micro
             skip = harness.positions(input_ids.tolist(), mask.tolist())  # shared prefix, first scored position
             # normalized by the microbatch's mean completion length: a token-mean loss
             tokens_per_example = max(mask.sum().item(), 1) / len(mask)
@@ -125,10 +134,15 @@ def main(args):
         bar.set_postfix(loss=f"{total_loss:.3f}", s=f"{row['step_s']:.1f}")
         if harness.due(step + 1, args.eval_every, args.n_steps):
             summary = common.evaluate_and_log(model, tokenizer, eval_examples, args, step + 1, log)
-        if harness.due(step + 1, args.save_every, args.n_steps, at_end=False):
-            common.save_checkpoint(args.out_dir, step + 1, model, tokenizer, optimizer, scheduler, cursor)
+        stop = harness.ctrl_c_pressed(step + 1, args.n_steps)  # Ctrl-C: save this step, then exit with status 130
+        if stop or harness.due(step + 1, args.save_every, args.n_steps, at_end=False):
+            common.save_checkpoint(args.out_dir, step + 1, model, tokenizer, optimizer, scheduler, cursor,
+                                   keep=args.keep_checkpoints)
+        if stop:
+            raise SystemExit(130)
     return common.finish(args, model, tokenizer, summary, f"held-out after {args.n_steps} SFT steps")
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    harness.exit_on_oom(main, parse_args(), "--batch-size (or raise --grad-accum), --seq-length with --packed, "
+                                           "--eval-batch-size, --max-new-tokens")
