@@ -742,6 +742,9 @@ def evaluate_and_log(model, tokenizer, examples, args, step, log):
 
 
 def finish(args, model, tokenizer, summary, title):
-    """Save <out_dir>/final (HF format) and, when the run evaluated, print and save its summary."""
+    """Save <out_dir>/final (HF format), with --plot draw its metrics, and, when the run
+    evaluated, print and save its summary."""
     save_pretrained(model, tokenizer, os.path.join(args.out_dir, "final"))
+    if args.plot:
+        harness.plot_run(args.out_dir)
     return harness.write_summary(summary, args.out_dir, title)

@@ -82,6 +82,7 @@ save_every = 20  # steps between checkpoints (0: only the final model)
 keep_checkpoints = 2  # checkpoints kept on disk, the latest (0: all)
 resume = False  # continue the run in --out-dir from its latest checkpoint
 wandb = False  # also log to Weights & Biases
+plot = False  # at the end, PNGs of metrics.jsonl in <out-dir>/plots (plot.py)
 seed = 0
 device = "auto"  # auto: cuda > mps > cpu
 dtype = "auto"  # auto: bf16 where the hardware runs it fast, else fp32

@@ -340,6 +340,14 @@ def _drop_rows_after(path, step):
         os.replace(path.with_suffix(".tmp"), path)
 
 
+def plot_run(out_dir):
+    """PNGs of <out_dir>/metrics.jsonl in <out_dir>/plots (plot.py; matplotlib loads only here)."""
+    import plot
+
+    for path in plot.plot_runs([os.path.join(out_dir, "metrics.jsonl")], os.path.join(out_dir, "plots")):
+        print(f"wrote {path}")
+
+
 def write_jsonl(path, rows, mode="w"):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -45,8 +45,9 @@ def assert_loadable(path):
 ])
 def test_script_runs_two_steps_and_writes_checkpoints(char_model_dir, tmp_path, script, extra):
     out = tmp_path / script.__name__
-    script.main(script.parse_args(common_flags(char_model_dir, out) + extra + ["--save-every", "1"]))
+    script.main(script.parse_args(common_flags(char_model_dir, out) + extra + ["--save-every", "1", "--plot"]))
     metrics = rows(out / "metrics.jsonl")
+    assert (out / "plots" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # --plot drew the run
     assert max(r["step"] for r in metrics) == 2
     assert any("eval_accuracy" in r for r in metrics)
     assert_loadable(out / "final")
