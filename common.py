@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import harness
@@ -576,7 +577,7 @@ def evaluate(model, tokenizer, examples, reward_fn, sampling, batch_size=64, gen
 
     rows, was_training = [], model.training
     model.eval()
-    bar = tqdm(total=len(examples), desc=desc, leave=False)
+    bar = tqdm(total=len(examples), desc=desc, leave=False, disable=not harness.is_main())
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         prompts = [tasks.r1_zero_prompt(ex["question"]) for ex in chunk]
@@ -647,9 +648,12 @@ def save_checkpoint(out_dir, step, model, tokenizer, optimizer, scheduler, curso
     """<out_dir>/checkpoints/step_N: HF weights + train_state.pt (optimizer, scheduler, RNG,
     data cursor, step, and for LoRA the adapter weights). Written to a temp dir, fsynced and
     renamed (harness.commit_checkpoint), so a crash mid-save never leaves a half checkpoint
-    behind; keeps the last `keep` checkpoints (0: all)."""
+    behind; keeps the last `keep` checkpoints (0: all). Under torchrun process 0 writes it (the
+    processes hold the same weights, optimizer and RNG state) and the others return None."""
     import tempfile
 
+    if not harness.is_main():
+        return None
     root = os.path.join(out_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step_{step:06d}")
@@ -711,7 +715,14 @@ def completion_log_probs(model, tokenizer, prompts, responses, return_token_entr
 def optimizer_step(model, optimizer, scheduler, max_grad_norm):
     """Clip, step, schedule, zero. Returns the pre-clip gradient norm. A NaN or inf norm (a
     NaN loss or gradient) skips the update: the weights and optimizer state stay as they were
-    (harness.count_bad_steps stops a run that keeps doing it)."""
+    (harness.count_bad_steps stops a run that keeps doing it). Under torchrun it first sums the
+    processes' gradients (each holds its microbatches' share), so all of them take the same step."""
+    if dist.is_initialized():
+        for p in model.parameters():
+            if p.requires_grad:
+                if p.grad is None:  # a process with no microbatch in this step (a short last batch)
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm).item()
     if math.isfinite(grad_norm):
         optimizer.step()
@@ -723,23 +734,99 @@ def optimizer_step(model, optimizer, scheduler, max_grad_norm):
 def evaluate_and_log(model, tokenizer, examples, args, step, log):
     """Greedy held-out evaluation, logged and printed (harness.record_eval); with
     --eval-samples k, also k samples per question at the run's sampling settings: mean@k,
-    pass@k, mixed share and entropy (harness.sample_stats). Returns the summary."""
+    pass@k, mixed share and entropy (harness.sample_stats). Returns the summary. Under torchrun
+    each process answers its share of the questions and every process gets the whole summary."""
     reward_fn = rewards.get_reward_fn(args.reward)
     greedy = harness.Sampling(max_new_tokens=args.max_new_tokens, temperature=0.0)
-    rows, summary = evaluate(model, tokenizer, examples, reward_fn, greedy, batch_size=args.eval_batch_size,
-                             desc=f"eval@{step}")
+    examples = rank_share(examples)
+    rows = all_gather(evaluate(model, tokenizer, examples, reward_fn, greedy, batch_size=args.eval_batch_size,
+                               desc=f"eval@{step}")[0])
+    summary = rewards.summarize_rewards(rows)
     if args.eval_samples > 0:
-        k = args.eval_samples
+        k, generator = args.eval_samples, rank_generator(next(model.parameters()).device)
         sampled, _ = evaluate(model, tokenizer, [ex for ex in examples for _ in range(k)], reward_fn,
-                              harness.Sampling.from_args(args), batch_size=args.eval_batch_size, desc=f"samples@{step}")
-        summary.update(harness.sample_stats(sampled, k))
+                              harness.Sampling.from_args(args), batch_size=args.eval_batch_size, generator=generator,
+                              desc=f"samples@{step}")
+        summary.update(harness.sample_stats(all_gather(sampled), k))
     return harness.record_eval(rows, summary, args.out_dir, step, log)
 
 
 def finish(args, model, tokenizer, summary, title):
     """Save <out_dir>/final (HF format), with --plot draw its metrics, and, when the run
-    evaluated, print and save its summary."""
-    save_pretrained(model, tokenizer, os.path.join(args.out_dir, "final"))
-    if args.plot:
-        harness.plot_run(args.out_dir)
+    evaluated, print and save its summary. Under torchrun process 0 does it and the others wait
+    for it (grpo.py's warm start loads that final model next)."""
+    if harness.is_main():
+        save_pretrained(model, tokenizer, os.path.join(args.out_dir, "final"))
+        if args.plot:
+            harness.plot_run(args.out_dir)
+    if dist.is_initialized():
+        dist.barrier()
     return harness.write_summary(summary, args.out_dir, title)
+
+
+# ----------------------------------------------------------------------------- several processes (torchrun)
+# `torchrun --nproc_per_node N script.py` starts N copies of a script, each holding the whole
+# model. Each takes its share of a step's microbatches (and of the rollouts to sample and
+# grade, and of the held-out questions); the losses keep the one-process normalizers (the
+# global batch's), and optimizer_step sums the gradients, so every process takes the step
+# one process would. Process 0 alone writes files. A plain `python script.py` initializes
+# nothing, and these helpers hand their input back unchanged.
+
+
+def init_distributed(device="auto"):
+    """Join the other processes when torchrun started this one (WORLD_SIZE > 1): gloo on CPU;
+    on CUDA each process on its LOCAL_RANK GPU, nccl for CUDA tensors and gloo for the rest.
+    Nothing in a single process, or when already joined."""
+    if harness.world_size() == 1 or dist.is_initialized():
+        return
+    if pick_device(device).type == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("cpu:gloo,cuda:nccl")
+    else:
+        dist.init_process_group("gloo")
+    import atexit
+
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+
+
+def rank_share(items):
+    """This process's contiguous share of items (a list or a range): rank r of N takes
+    items[len·r // N : len·(r+1) // N]. All of them in a single process."""
+    if not dist.is_initialized():
+        return items
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return items[len(items) * rank // world : len(items) * (rank + 1) // world]
+
+
+def all_gather(x):
+    """Every process's x, joined in rank order, on every process: a list (of picklable items)
+    or a tensor (the same shape on every process; joined along dim 0). x in a single process."""
+    if not dist.is_initialized():
+        return x
+    if isinstance(x, torch.Tensor):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, x)
+    return [item for part in parts for item in part]
+
+
+def all_reduce_sum(values):
+    """values, a dict of numbers, summed over the processes (as they are in a single process)."""
+    if not dist.is_initialized():
+        return values
+    total = torch.tensor([float(v) for v in values.values()], dtype=torch.float64)
+    dist.all_reduce(total)
+    return dict(zip(values, total.tolist()))
+
+
+def rank_generator(device):
+    """The random generator for a sampling call: None in a single process (the global RNG, as
+    always). Under torchrun every process keeps the same global RNG state (seeded alike and
+    drawn from alike, so a checkpoint's one state resumes them all); each call forks from it a
+    generator seeded by the rank, so the processes sample their shares independently."""
+    if not dist.is_initialized():
+        return None
+    seed = torch.randint(2**62, (1,)).item()
+    return torch.Generator(device).manual_seed(seed + dist.get_rank())

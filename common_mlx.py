@@ -3,7 +3,8 @@
 Same functions, argument names, order and docstrings as common.py (tests/test_twins.py
 checks the names and arguments, tests/test_mlx_parity.py the math, tests/test_mlx_scripts.py
 the training trajectories), bar completion_log_probs: the MLX scripts tokenize outside
-nn.value_and_grad, so they call tokenize_prompt_and_output and get_response_log_probs. MLX
+nn.value_and_grad, so they call tokenize_prompt_and_output and get_response_log_probs; and
+bar the torchrun helpers at the end of common.py: the MLX scripts run in one process. MLX
 differentiates functions, not tensors: the *_microbatch_train_step functions return the
 loss without a backward pass, and the caller wraps its loss function in
 nn.value_and_grad(model, fn); optimizer_step takes those gradients. Token ids are int32,

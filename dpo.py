@@ -86,11 +86,14 @@ def pairs_from_file(path, tokenizer):
 
 
 def pairs_from_policy(model, tokenizer, questions, args):
-    """Sample group_size answers per question; pair one accepted with one rejected answer."""
+    """Sample group_size answers per question; pair one accepted with one rejected answer. Under
+    torchrun each process samples and grades its share of the questions; each gets all the pairs."""
+    questions = common.rank_share(questions)
     prompts = [tasks.r1_zero_prompt(q["question"]) for q in questions]
     model.eval()
     rollouts = common.generate(model, tokenizer, [p for p in prompts for _ in range(args.group_size)],
-                               harness.Sampling.from_args(args))
+                               harness.Sampling.from_args(args),
+                               generator=common.rank_generator(next(model.parameters()).device))
     model.train()
     reward_fn, pairs = rewards.get_reward_fn(args.reward), []
     for i, (prompt, q) in enumerate(zip(prompts, questions)):
@@ -99,7 +102,7 @@ def pairs_from_policy(model, tokenizer, questions, args):
         bad = [r["response"] for r in group if reward_fn(r["response"], q["answer"])["reward"] != 1]
         if good and bad:
             pairs.append((prompt, good[0], bad[0]))
-    return pairs
+    return common.all_gather(pairs)
 
 
 def pair_log_probs(model, tokenizer, pairs):
@@ -111,6 +114,7 @@ def pair_log_probs(model, tokenizer, pairs):
 
 
 def main(args):
+    common.init_distributed(args.device)  # under torchrun: join the other processes (a plain run: nothing)
     common.set_seed(args.seed)
     os.makedirs(args.out_dir, exist_ok=True)
     model, tokenizer, ckpt = common.load_policy(args)
@@ -126,7 +130,8 @@ def main(args):
     micro, summary, bad_steps = args.batch_size // args.grad_accum, None, 0
 
     model.train()
-    bar = tqdm(range(start_step, args.n_steps), desc="dpo", initial=start_step, total=args.n_steps)
+    bar = tqdm(range(start_step, args.n_steps), desc="dpo", initial=start_step, total=args.n_steps,
+               disable=not harness.is_main())
     for step in bar:
         t0 = time.perf_counter()
         if file_pairs:
@@ -137,7 +142,7 @@ def main(args):
                                       args)
             cursor += args.batch_size
         stats = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0}
-        for m0 in range(0, len(pairs), micro):
+        for m0 in common.rank_share(range(0, len(pairs), micro)):  # this process's microbatches
             chunk = pairs[m0 : m0 + micro]
             chosen, rejected = pair_log_probs(model, tokenizer, chunk)
             with torch.no_grad():
@@ -150,6 +155,7 @@ def main(args):
             stats["chosen_reward"] += args.beta * (chosen - ref_chosen).sum().item() / len(pairs)
             stats["rejected_reward"] += args.beta * (rejected - ref_rejected).sum().item() / len(pairs)
         grad_norm = common.optimizer_step(model, optimizer, scheduler, args.max_grad_norm) if pairs else 0.0
+        stats = common.all_reduce_sum(stats)
         bad_steps = harness.count_bad_steps(grad_norm, bad_steps, args.max_bad_steps)
         row = {"step": step + 1, "pairs": len(pairs), **stats, "grad_norm": grad_norm,
                "lr": scheduler.get_last_lr()[0], "step_s": time.perf_counter() - t0}

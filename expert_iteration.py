@@ -77,6 +77,7 @@ def parse_args(argv=None):
 
 
 def main(args):
+    common.init_distributed(args.device)  # under torchrun: join the other processes (a plain run: nothing)
     common.set_seed(args.seed)
     os.makedirs(args.out_dir, exist_ok=True)
     model, tokenizer, ckpt = common.load_policy(args)
@@ -95,11 +96,14 @@ def main(args):
         # ---- sample and filter
         questions = harness.take(train_examples, cursor, args.questions_per_step, args.seed)
         cursor += len(questions)
+        questions = common.rank_share(questions)  # under torchrun each process samples and grades its share
         prompts = [tasks.r1_zero_prompt(q["question"]) for q in questions for _ in range(args.group_size)]
         answers = [q["answer"] for q in questions for _ in range(args.group_size)]
         model.eval()
-        rollouts = common.generate(model, tokenizer, prompts, harness.Sampling.from_args(args))
+        rollouts = common.generate(model, tokenizer, prompts, harness.Sampling.from_args(args),
+                                   generator=common.rank_generator(next(model.parameters()).device))
         scores = [reward_fn(r["response"], a) for r, a in zip(rollouts, answers)]
+        prompts, rollouts, scores = (common.all_gather(x) for x in (prompts, rollouts, scores))  # all, on every process
         kept = list(dict.fromkeys((p, r["response"]) for p, r, s in zip(prompts, rollouts, scores) if s["reward"] == 1))
         solved = len({p for p, _ in kept})
 
@@ -108,10 +112,11 @@ def main(args):
         losses, n_updates = [], 0
         for epoch in range(args.sft_epochs):
             order = harness.take(kept, epoch * len(kept), len(kept), args.seed + ei_step) if kept else []
-            for first in tqdm(range(0, len(order), args.batch_size), desc=f"ei {ei_step + 1} sft", leave=False):
+            for first in tqdm(range(0, len(order), args.batch_size), desc=f"ei {ei_step + 1} sft", leave=False,
+                              disable=not harness.is_main()):
                 opt_batch = order[first : first + args.batch_size]
                 n_micro = -(-len(opt_batch) // micro)
-                for m0 in range(0, len(opt_batch), micro):
+                for m0 in common.rank_share(range(0, len(opt_batch), micro)):  # this process's microbatches
                     chunk = opt_batch[m0 : m0 + micro]
                     out, mask = common.completion_log_probs(model, tokenizer, [c[0] for c in chunk], [c[1] for c in chunk])
                     tokens_per_example = mask.sum().clamp(min=1).item() / len(mask)
@@ -120,6 +125,7 @@ def main(args):
                 grad_norm = common.optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
                 bad_steps = harness.count_bad_steps(grad_norm, bad_steps, args.max_bad_steps)
                 n_updates += 1
+        losses = common.all_gather(losses)
 
         row = {"step": ei_step + 1, "sampled": len(rollouts), "kept": len(kept), "questions_solved": solved,
                "reward": sum(s["reward"] for s in scores) / len(scores),
@@ -130,7 +136,8 @@ def main(args):
             summary = common.evaluate_and_log(model, tokenizer, eval_examples, args, ei_step + 1, log)
             row["eval_accuracy"] = summary["accuracy"]
         log(row)
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        if harness.is_main():
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
         stop = harness.ctrl_c_pressed(ei_step + 1, args.n_ei_steps)  # Ctrl-C: save this step, then exit (status 130)
         if stop or harness.due(ei_step + 1, args.save_every, args.n_ei_steps, at_end=False):
             common.save_checkpoint(args.out_dir, ei_step + 1, model, tokenizer, optimizer, scheduler, cursor,

@@ -74,7 +74,7 @@ top_k = 0  # 0: off
 min_p = 0.0
 repetition_penalty = 1.0
 # evaluation, checkpoints, hardware
-n_eval = 200  # held-out items per evaluation
+n_eval = 500  # held-out items per evaluation (one standard error ~2 points at 60%)
 eval_batch_size = 64
 eval_every = 20  # steps between held-out evaluations (0: only at the end)
 eval_samples = 0  # k > 0: also k samples per held-out question (sampling settings): mean@k, pass@k, entropy
@@ -108,7 +108,9 @@ def warm_start(args):
         sft.main(sft.parse_args(["--model", args.model, "--task", args.task, "--out-dir", path, "--seed", str(args.seed),
                                  "--n-steps", str(args.warmstart_steps), "--device", args.device, "--dtype", args.dtype,
                                  "--n-eval", str(args.n_eval), "--max-new-tokens", str(args.max_new_tokens),
-                                 "--eval-every", "0", "--save-every", "0", "--cache-dir", args.cache_dir]))
+                                 "--eval-every", "0", "--save-every", "0", "--cache-dir", args.cache_dir,
+                                 # under torchrun, at least one microbatch per process
+                                 "--grad-accum", str(max(sft.grad_accum, harness.world_size()))]))
     return os.path.join(path, "final")
 
 
@@ -149,6 +151,7 @@ def policy_loss(log_probs, mask, advantages, raw_rewards, old_log_probs, ref_log
 
 
 def main(args):
+    common.init_distributed(args.device)  # under torchrun: join the other processes (a plain run: nothing)
     common.set_seed(args.seed)
     os.makedirs(args.out_dir, exist_ok=True)
     start_model = warm_start(args) if args.warmstart_steps > 0 else args.model
@@ -163,8 +166,9 @@ def main(args):
                                                  total_optimizer_steps)
     train_examples = tasks.load_examples(args, "train", args.n_train)
     eval_examples = tasks.load_examples(args, "eval", args.n_eval)
-    # guarded (a reward that raises or hangs scores 0, counted); each (response, answer) graded
-    # once, though dynamic sampling grades before the advantages do
+    # guarded (a reward that raises or hangs scores 0, counted); a response repeated in a group
+    # graded once; the advantages reuse the scores of sample_groups (under torchrun, graded by
+    # the process that sampled them)
     grader = rewards.get_reward_fn(args.reward)
     reward_fn = functools.lru_cache(maxsize=4096)(grader)
     sampling = harness.Sampling.from_args(args)
@@ -179,19 +183,23 @@ def main(args):
         nonlocal cursor
         questions = harness.take(train_examples, cursor, n_questions, args.seed)
         cursor += n_questions
+        questions = common.rank_share(questions)  # under torchrun each process samples and grades its share
         prompts = [tasks.r1_zero_prompt(q["question"]) for q in questions for _ in range(args.group_size)]
         answers = [q["answer"] for q in questions for _ in range(args.group_size)]
         model.eval()
-        rollouts = common.generate(model, tokenizer, prompts, sampling, batch_size=args.rollout_batch_size)
+        rollouts = common.generate(model, tokenizer, prompts, sampling, batch_size=args.rollout_batch_size,
+                                   generator=common.rank_generator(device))
         model.train()
         for r, answer in zip(rollouts, answers):
             r["answer"] = answer
-        return rollouts, [reward_fn(r["response"], r["answer"]) for r in rollouts]
+        scores = [reward_fn(r["response"], r["answer"]) for r in rollouts]
+        return common.all_gather(rollouts), common.all_gather(scores)  # every process holds the whole batch
 
     summary = None
     if start_step == 0:
         summary = common.evaluate_and_log(model, tokenizer, eval_examples, args, 0, log)
-    bar = tqdm(range(start_step, args.n_steps), desc="grpo", initial=start_step, total=args.n_steps)
+    bar = tqdm(range(start_step, args.n_steps), desc="grpo", initial=start_step, total=args.n_steps,
+               disable=not harness.is_main())
     for step in bar:
         t0 = time.perf_counter()
         # ---- rollouts: group_size samples for each question, graded (sample_groups above)
@@ -206,8 +214,10 @@ def main(args):
         t_rollout = time.perf_counter() - t0
 
         # ---- rewards -> advantages: A = (r - mean_group) [/ std]
+        graded = {(r["response"], r["answer"]): s for r, s in zip(rollouts, scores)}
         advantages, raw_rewards, reward_meta = common.compute_group_normalized_rewards(
-            reward_fn=reward_fn, rollout_responses=[r["response"] for r in rollouts], repeated_ground_truths=answers,
+            reward_fn=lambda response, answer: graded[response, answer],
+            rollout_responses=[r["response"] for r in rollouts], repeated_ground_truths=answers,
             group_size=args.group_size, advantage_eps=args.advantage_eps, normalize_by_std=args.scale_rewards == "group")
         if args.scale_rewards == "batch":
             advantages = advantages / (raw_rewards.std() + args.advantage_eps)
@@ -224,24 +234,24 @@ def main(args):
             return common.get_response_log_probs(m, batch["input_ids"][rows], batch["labels"][rows], entropy,
                                                  temperature=args.temperature, **skip)
 
-        def all_log_probs(m):
+        def all_log_probs(m):  # each process computes its share of the microbatches
+            starts = common.rank_share(range(0, args.rollout_batch_size, micro))
             with torch.no_grad():
-                return torch.cat([log_probs_of(m, slice(i, i + micro))["log_probs"]
-                                  for i in range(0, args.rollout_batch_size, micro)])
+                return common.all_gather(torch.cat([log_probs_of(m, slice(i, i + micro))["log_probs"] for i in starts]))
 
         # a forward pass for π_old only when a ratio needs it and a later update reuses these rollouts
         old_log_probs = all_log_probs(model) if needs_ratio and off_policy else None
         ref_log_probs = all_log_probs(ref_model) if ref_model is not None else None
 
         # ---- policy-gradient steps over the rollouts
-        t1, stats = time.perf_counter(), {"loss": 0.0, "entropy": [], "clip_frac": [], "kl": [], "grad_norm": []}
+        t1, stats = time.perf_counter(), {"loss": [], "entropy": [], "clip_frac": [], "kl": [], "grad_norm": []}
         for epoch in range(args.epochs_per_rollout):
             shuffle = epoch > 0 or optimizer_steps_per_rollout > 1
             order = torch.randperm(args.rollout_batch_size) if shuffle else torch.arange(args.rollout_batch_size)
             for first in range(0, args.rollout_batch_size, args.batch_size):
                 opt_rows = order[first : first + args.batch_size]
                 step_tokens = batch["response_mask"][opt_rows].sum()
-                for m0 in range(0, args.batch_size, micro):
+                for m0 in common.rank_share(range(0, args.batch_size, micro)):  # this process's microbatches
                     rows = opt_rows[m0 : m0 + micro].to(device)
                     mask = batch["response_mask"][rows]
                     out = log_probs_of(model, rows, entropy=True)
@@ -249,13 +259,16 @@ def main(args):
                     loss, loss_stats = policy_loss(out["log_probs"], mask, advantages[rows], raw_rewards[rows], old,
                                                    None if ref_model is None else ref_log_probs[rows], step_tokens, args)
                     loss.backward()
-                    stats["loss"] += loss.item()
+                    stats["loss"].append(loss.item())
                     stats["entropy"].append(common.masked_mean(out["token_entropy"], mask).item())
                     stats["clip_frac"].append(loss_stats["clip_frac"].item())
                     stats["kl"].append(loss_stats["kl"].item())
                 stats["grad_norm"].append(common.optimizer_step(model, optimizer, scheduler, args.max_grad_norm))
                 bad_steps = harness.count_bad_steps(stats["grad_norm"][-1], bad_steps, args.max_bad_steps)
         t_train = time.perf_counter() - t1
+        for key in ("loss", "entropy", "clip_frac", "kl"):  # every process's microbatches
+            stats[key] = common.all_gather(stats[key])
+        reward_failures = int(common.all_reduce_sum({"failures": grader.failures})["failures"])
 
         # ---- log, eval, checkpoint
         lengths = torch.tensor([len(r["response_ids"]) for r in rollouts], dtype=torch.float32)
@@ -264,12 +277,12 @@ def main(args):
                "format_reward": reward_meta["format_reward"], "answer_reward": reward_meta["answer_reward"],
                "zero_std_frac": reward_meta["zero_std_frac"], "response_len": lengths.mean().item(),
                "response_len_max": lengths.max().item(), "truncated_frac": truncated.float().mean().item(),
-               "entropy": sum(stats["entropy"]) / len(stats["entropy"]), "loss": stats["loss"],
+               "entropy": sum(stats["entropy"]) / len(stats["entropy"]), "loss": sum(stats["loss"]),
                "clip_frac": sum(stats["clip_frac"]) / len(stats["clip_frac"]),
                "kl": sum(stats["kl"]) / len(stats["kl"]), "grad_norm": max(stats["grad_norm"]),
                "lr": scheduler.get_last_lr()[0], "rollout_tok_s": lengths.sum().item() / t_rollout,
                "train_tok_s": n_train_tokens / t_train, "step_s": time.perf_counter() - t0,
-               "peak_rss_gb": harness.peak_rss_gb(), "reward_failures": grader.failures, **sampled, **reward_parts}
+               "peak_rss_gb": harness.peak_rss_gb(), "reward_failures": reward_failures, **sampled, **reward_parts}
         log(row)
         bar.set_postfix(reward=f"{row['reward']:.2f}", fmt=f"{row['format_reward']:.2f}", len=f"{row['response_len']:.0f}",
                         s=f"{row['step_s']:.0f}")

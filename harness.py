@@ -62,13 +62,27 @@ def require_multiple(parser, pairs):
             parser.error(f"{name} ({value}) must be a positive multiple of {div_name} ({divisor}), e.g. {fit}")
 
 
+def world_size():
+    """How many processes run this job: torchrun's WORLD_SIZE, 1 for a plain `python script.py`."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main():
+    """Whether this process writes the run's files and shows its progress: the only one, or torchrun's rank 0."""
+    return world_size() == 1 or int(os.environ["RANK"]) == 0
+
+
 def check_inputs(parser, args, train_kind="qa"):
     """Stop with one line, before any model loads, on what would fail later: an unknown task
     or reward, a JSONL file with a bad line (file:line: what), a local model path that does
     not exist, --resume with nothing to resume. train_kind: how --train-data is read ('qa',
-    'sft' for pairs or questions, 'dpo')."""
+    'sft' for pairs or questions, 'dpo'). Under torchrun: --grad-accum a multiple of the number
+    of processes, which share each optimizer step's microbatches."""
     import machine
     import rewards
+
+    if hasattr(args, "grad_accum"):
+        require_multiple(parser, [("--grad-accum", args.grad_accum, "the number of processes", world_size())])
 
     try:
         train_data, eval_data = getattr(args, "train_data", ""), getattr(args, "eval_data", "")
@@ -311,17 +325,20 @@ class MetricsLog:
 
     def __init__(self, out_dir, use_wandb=False, config=None, resume_step=0):
         self.path = Path(out_dir) / "metrics.jsonl"
-        if resume_step:
+        self.main = is_main()  # under torchrun process 0 alone writes
+        if resume_step and self.main:
             for path in (self.path, Path(out_dir) / "eval_samples.jsonl"):
                 _drop_rows_after(path, resume_step)
         self.wandb = None
-        if use_wandb:
+        if use_wandb and self.main:
             import wandb
 
             self.wandb = wandb
             wandb.init(project="nanoalign", config=config)
 
     def __call__(self, row):
+        if not self.main:
+            return
         write_jsonl(self.path, [row], "a")
         if self.wandb:
             self.wandb.log(row, step=row["step"])
@@ -349,11 +366,16 @@ def plot_run(out_dir):
 
 
 def write_jsonl(path, rows, mode="w"):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """rows as JSON lines, appended (mode "a") or replacing the file at once (mode "w": a temp
+    file renamed, so a reader, another of torchrun's processes writing it too, never sees half)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = target if mode == "a" else target.with_name(f".{target.name}.{os.getpid()}.tmp")
     with open(path, mode, encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
+    if path != target:
+        os.replace(path, target)
 
 
 def sample_stats(rows, k):
@@ -374,8 +396,9 @@ def record_eval(rows, summary, out_dir, step, log):
     """A held-out evaluation's trace: accuracy and format rate (and, after sampling, mean@k,
     pass@k, mixed share, entropy) to the metrics log, the first 16 generations (prompt,
     response, reward parts, entropy, length) to eval_samples.jsonl, one line to the
-    terminal. Returns the summary."""
-    write_jsonl(os.path.join(out_dir, "eval_samples.jsonl"), [{"step": step, **r} for r in rows[:16]], "a")
+    terminal (under torchrun: process 0 writes and prints). Returns the summary."""
+    if is_main():
+        write_jsonl(os.path.join(out_dir, "eval_samples.jsonl"), [{"step": step, **r} for r in rows[:16]], "a")
     sampled = {f"eval_{key}": summary[key] for key in ("mean_at_k", "pass_at_k", "mixed_frac", "sample_format_rate",
                                                         "sample_entropy") if key in summary}
     log({"step": step, "eval_accuracy": summary["accuracy"], "eval_format_rate": summary["format_rate"], **sampled})
@@ -385,15 +408,16 @@ def record_eval(rows, summary, out_dir, step, log):
     if sampled:
         line += (f"; {summary['k']} samples each: mean@k {summary['mean_at_k']:.1%} pass@k {summary['pass_at_k']:.1%} "
                  f"mixed {summary['mixed_frac']:.1%} entropy {summary['sample_entropy']:.3f}")
-    tqdm.write(line + f" (n={summary['n']})")
+    if is_main():
+        tqdm.write(line + f" (n={summary['n']})")
     return summary
 
 
 def write_summary(summary, out_dir, title):
     """Print the final three-category summary and save it as <out_dir>/summary.json (None:
-    the run was resumed after its end and evaluated nothing)."""
-    if summary is None:
-        return None
+    the run was resumed after its end and evaluated nothing). Under torchrun process 0 does it."""
+    if summary is None or not is_main():
+        return summary
     print_summary(summary, title)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

@@ -89,6 +89,7 @@ def packed_batch(dataset, cursor, n, seed):
 
 
 def main(args):
+    common.init_distributed(args.device)  # under torchrun: join the other processes (a plain run: nothing)
     common.set_seed(args.seed)
     os.makedirs(args.out_dir, exist_ok=True)
     model, tokenizer, ckpt = common.load_policy(args)
@@ -103,24 +104,26 @@ def main(args):
 
     micro, summary, bad_steps = args.batch_size // args.grad_accum, None, 0
     model.train()
-    bar = tqdm(range(start_step, args.n_steps), desc="sft", initial=start_step, total=args.n_steps)
+    bar = tqdm(range(start_step, args.n_steps), desc="sft", initial=start_step, total=args.n_steps,
+               disable=not harness.is_main())
     for step in bar:
         t0, total_loss, n_tokens = time.perf_counter(), 0.0, 0
-        for _ in range(args.grad_accum):
+        for first in common.rank_share(range(cursor, cursor + args.batch_size, micro)):  # this process's microbatches
             if packed:
-                input_ids, labels, mask = (x.to(device) for x in packed_batch(packed, cursor, micro, args.seed))
+                input_ids, labels, mask = (x.to(device) for x in packed_batch(packed, first, micro, args.seed))
                 log_probs = common.get_response_log_probs(model, input_ids, labels)["log_probs"]
             else:
-                chunk = harness.take(pairs, cursor, micro, args.seed)
+                chunk = harness.take(pairs, first, micro, args.seed)
                 out, mask = common.completion_log_probs(model, tokenizer, [c[0] for c in chunk], [c[1] for c in chunk])
                 log_probs = out["log_probs"]
-            cursor += micro
             # normalized by the microbatch's mean completion length: a token-mean loss
             tokens_per_example = mask.sum().clamp(min=1).item() / len(mask)
             loss, _ = common.sft_microbatch_train_step(log_probs, mask, args.grad_accum, tokens_per_example)
             total_loss += loss.item()
             n_tokens += mask.numel()
+        cursor += args.batch_size
         grad_norm = common.optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
+        total_loss, n_tokens = common.all_reduce_sum({"loss": total_loss, "tokens": n_tokens}).values()
         bad_steps = harness.count_bad_steps(grad_norm, bad_steps, args.max_bad_steps)
         row = {"step": step + 1, "loss": total_loss, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
                "train_tok_s": n_tokens / (time.perf_counter() - t0), "step_s": time.perf_counter() - t0,

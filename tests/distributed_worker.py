@@ -1,0 +1,70 @@
+"""What tests/test_distributed.py runs under torchrun: a list of jobs (script, flags, fixed),
+each script.main(parse_args(flags)) in turn in these processes, with fixed the sampler
+replaced by fixed_rollouts so that one process and several sample the same answers; then a
+check of common.rank_generator."""
+
+import functools
+import hashlib
+import importlib
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def fixed_rollouts(model, tokenizer, prompts, sampling, batch_size=64, generator=None, record=None):
+    """common.generate's rollouts, drawn from no RNG: the k-th copy of a prompt in the list
+    answers 1-4 digits picked by a hash of (prompt, k), whatever the batch or the process.
+    record: a file that gets each call's number of prompts, one per line."""
+    if record:
+        with open(record, "a") as f:
+            f.write(f"{len(prompts)}\n")
+    seen, out = {}, []
+    for prompt in prompts:
+        k = seen[prompt] = seen.get(prompt, -1) + 1
+        h = int(hashlib.sha256(f"{prompt}|{k}".encode()).hexdigest(), 16)
+        response = "".join("0123456777"[(h >> (4 * i)) % 10] for i in range(1 + h % 4))
+        ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+        out.append({"prompt_ids": tokenizer(prompt, add_special_tokens=False)["input_ids"], "response_ids": ids,
+                    "response": response, "log_probs": [0.0] * len(ids), "truncated": False, "entropy": 0.0})
+    return out
+
+
+def run(script, flags, fixed=True):
+    """script.main(script.parse_args(flags)); with fixed, on fixed_rollouts (each call's size
+    recorded in <out-dir>/sampled_rank<R>.txt) and with no per-rank generator, so that the
+    global RNG (GRPO's shuffles) is drawn from as in one process."""
+    import common
+
+    module = importlib.import_module(script)
+    args = module.parse_args(flags)
+    if not fixed:
+        return module.main(args)
+    os.makedirs(args.out_dir, exist_ok=True)
+    record = os.path.join(args.out_dir, f"sampled_rank{os.environ.get('RANK', 0)}.txt")
+    saved = common.generate, common.rank_generator
+    common.generate = functools.partial(fixed_rollouts, record=record)
+    common.rank_generator = lambda device: None
+    try:
+        return module.main(args)
+    finally:
+        common.generate, common.rank_generator = saved
+
+
+def check_rank_generator(out_dir):
+    """<out_dir>/rng_rank<R>.json: a draw from this rank's sampling generator and one from the
+    global RNG after it (the test wants the first to differ between ranks, the second not)."""
+    import torch
+
+    import common
+
+    sample = torch.rand(3, generator=common.rank_generator(torch.device("cpu"))).tolist()
+    with open(os.path.join(out_dir, f"rng_rank{os.environ['RANK']}.json"), "w") as f:
+        json.dump({"rank_generator": sample, "global": torch.rand(3).tolist()}, f)
+
+
+if __name__ == "__main__":
+    for script, flags, fixed in json.loads(sys.argv[1]):
+        run(script, flags, fixed)
+    check_rank_generator(sys.argv[2])
