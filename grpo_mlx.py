@@ -70,7 +70,7 @@ top_k = 0  # 0: off
 min_p = 0.0
 repetition_penalty = 1.0
 # evaluation, checkpoints, hardware
-n_eval = 200  # held-out items per evaluation
+n_eval = 500  # held-out items per evaluation (one standard error ~2 points at 60%)
 eval_batch_size = 64
 eval_every = 20  # steps between held-out evaluations (0: only at the end)
 eval_samples = 0  # k > 0: also k samples per held-out question (sampling settings): mean@k, pass@k, entropy
