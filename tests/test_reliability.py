@@ -83,12 +83,15 @@ def test_a_run_that_turns_nan_stops_and_keeps_its_last_good_checkpoint(char_mode
     (["--resume", "--out-dir", "{tmp}/empty"], "--resume: no checkpoint"),
     (["--train-data", "{tmp}/bad.jsonl"], "bad.jsonl:2: expected"),
     (["--train-data", "{tmp}/missing.jsonl"], "No such file"),
+    (["--train-data", "{tmp}/empty.jsonl"], "empty.jsonl: no examples"),
+    (["--loss-type", "nope"], "--loss-type: invalid choice: 'nope'"),
     (["--rollout-batch-size", "12", "--group-size", "8"], "--rollout-batch-size (12) must be a positive multiple"),
 ])
 def test_bad_input_is_one_line_before_any_model_loads(tmp_path, capsys, argv, message):
     import grpo
 
     (tmp_path / "bad.jsonl").write_text('{"question": "1+1", "answer": "2"}\n{"question": "no answer"}\n')
+    (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(SystemExit):
         grpo.parse_args([a.replace("{tmp}", str(tmp_path)) for a in argv])
     err = capsys.readouterr().err.strip().splitlines()
