@@ -8,6 +8,7 @@ framework, its threads) never leaks into another.
     python bench.py --only blas --sizes 256 1024 --repeats 50
     python bench.py --only rollouts          # our samplers vs transformers' generate and mlx_lm.batch_generate
     python bench.py --only grpo sft          # a GRPO / SFT step vs TRL's trainers, fp32 and bf16
+    python bench.py --only logprobs          # training forward + backward: LM head everywhere vs from the response on
 """
 
 import argparse
@@ -348,7 +349,54 @@ def bench_sft(args):
     _vs_trl(f"sft: one step = {b} gsm_symbolic traces, completion-only loss, {n} steps, first dropped", calls, args)
 
 
-SECTIONS = {"blas": bench_blas, "rollouts": bench_rollouts, "grpo": bench_grpo, "sft": bench_sft}
+# ----------------------------------------------------------------------------- training log-probs
+
+
+def logprob_step_rates(n_rows, repeats, dtype, cache=None):
+    """Child process: rows/s of a training forward + backward (common.get_response_log_probs on
+    r1_zero chain_sum traces, shared prefix on) with the LM head on every position vs from the
+    first response position only (score_from), alternating, same model and batch."""
+    import torch
+
+    import common
+
+    torch.manual_seed(0)
+    model, tokenizer = common.load_model(machine.DEFAULT_MODEL, torch.device("cpu"), getattr(torch, dtype), cache)
+    examples = tasks.task_split("chain_sum", "train", n_rows)
+    batch = common.tokenize_prompt_and_output([tasks.r1_zero_prompt(ex["question"]) for ex in examples],
+                                              [tasks.r1_zero_trace("", ex["answer"]) for ex in examples], tokenizer)
+    skip = harness.positions(batch["input_ids"].tolist(), batch["response_mask"].tolist())
+
+    def step(score_from):
+        out = common.get_response_log_probs(model, batch["input_ids"], batch["labels"], shared_prefix=skip["shared_prefix"],
+                                            score_from=score_from)
+        (out["log_probs"] * batch["response_mask"]).sum().backward()
+        model.zero_grad(set_to_none=True)
+        return n_rows
+
+    every = lambda: step(0)  # noqa: E731
+    response_only = lambda: step(skip["score_from"])  # noqa: E731
+    rates = {"all_positions": [], "response_only": []}
+    for _ in range(repeats):  # alternate, so that drift on a noisy machine hits both alike
+        rates["all_positions"].append(median_rate(every, 1))
+        rates["response_only"].append(median_rate(response_only, 1))
+    print(json.dumps({k: statistics.median(v) for k, v in rates.items()} | {"tokens": batch["input_ids"].shape[1],
+                                                                             **skip}))
+
+
+def bench_logprobs(args):
+    rows = []
+    for dtype in ("float32", "bfloat16"):
+        r = run_child(f"logprob_step_rates(16, {max(3, args.repeats)}, {dtype!r}, {args.cache_dir!r})")
+        rows.append([dtype, f"{r['all_positions']:.2f}", f"{r['response_only']:.2f}",
+                     f"{r['response_only'] / r['all_positions']:.2f}x"])
+    print_table(f"training forward + backward, 16 chain_sum traces ({r['tokens']} tokens, shared prefix "
+                f"{r['shared_prefix']}, first response position {r['score_from']}), rows/s",
+                ["dtype", "LM head everywhere", "from the response on", "ratio"], rows)
+
+
+SECTIONS = {"blas": bench_blas, "rollouts": bench_rollouts, "grpo": bench_grpo, "sft": bench_sft,
+            "logprobs": bench_logprobs}
 
 
 def main(args):
