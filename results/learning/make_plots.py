@@ -1,0 +1,61 @@
+"""Redraw this folder's PNGs from its metrics files:
+
+    uv run python results/learning/make_plots.py
+
+accuracy_vs_wall.png: held-out accuracy of the default run (SFT warm start, then GRPO) and of
+the SFT-only control against training minutes, the sum of their logged step times (model
+loading and evaluations excluded: the runs' full walls, 16.6 and 15.4 min, are in README.md).
+default_run/plots/: plot.py's panels for the GRPO part (reward, entropy, zero-variance, ...).
+"""
+
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", ".."))
+
+import plot  # noqa: E402
+
+
+def accuracy_by_minute(paths):
+    """(minutes, accuracy) at each evaluation of runs logged one after the other."""
+    points, minutes = [], 0.0
+    for path in paths:
+        for row in map(json.loads, open(path)):
+            minutes += row.get("step_s", 0.0) / 60
+            if "eval_accuracy" in row and not (points and row["step"] == 0):  # GRPO's step 0 = the warm start's end
+                points.append((minutes, row["eval_accuracy"]))
+    return points
+
+
+def main():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    runs = {"default run: SFT warm start (25 steps), then GRPO (40 steps)":
+            [os.path.join(HERE, "default_run", "warmstart", "metrics.jsonl"), os.path.join(HERE, "default_run", "metrics.jsonl")],
+            "SFT only (240 steps)": [os.path.join(HERE, "sft_only", "metrics.jsonl")]}
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for i, (label, paths) in enumerate(runs.items()):
+        xs, ys = zip(*accuracy_by_minute(paths))
+        ax.plot(xs, ys, marker="o", color=f"C{i}", label=label)
+        for x, y in zip(xs, ys):
+            ax.annotate(f"{y:.1%}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    ax.set_xlabel("training minutes (sum of step times; loading and evaluation excluded)")
+    ax.set_ylabel("held-out accuracy (greedy, strict r1_zero, n = 500)")
+    ax.set_ylim(0.5, 0.85)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle("chain_sum, SmolLM2-135M, 2-core CPU: GRPO vs SFT for the same time", fontsize=10)
+    fig.savefig(os.path.join(HERE, "accuracy_vs_wall.png"), dpi=100)
+    for path in plot.plot_runs([os.path.join(HERE, "default_run", "metrics.jsonl")],
+                               os.path.join(HERE, "default_run", "plots"), labels=["default run (GRPO part)"]):
+        if os.path.basename(path) in ("kl.png", "clip_frac.png"):  # on-policy with beta 0: both 0 by construction
+            os.remove(path)
+
+
+if __name__ == "__main__":
+    main()
