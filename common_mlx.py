@@ -3,8 +3,9 @@
 Same functions, argument names, order and docstrings as common.py (tests/test_twins.py
 checks the names and arguments, tests/test_mlx_parity.py the math, tests/test_mlx_scripts.py
 the training trajectories), bar completion_log_probs: the MLX scripts tokenize outside
-nn.value_and_grad, so they call tokenize_prompt_and_output and get_response_log_probs; and
-bar the torchrun helpers at the end of common.py: the MLX scripts run in one process. MLX
+nn.value_and_grad, so they call tokenize_prompt_and_output and get_response_log_probs. The
+several-process helpers at the end are the twins of common.py's torchrun ones, on
+mx.distributed (`mlx.launch`). MLX
 differentiates functions, not tensors: the *_microbatch_train_step functions return the
 loss without a backward pass, and the caller wraps its loss function in
 nn.value_and_grad(model, fn); optimizer_step takes those gradients. Token ids are int32,
@@ -13,9 +14,12 @@ written as) plain HF directories, so torch and MLX checkpoints are interchangeab
 
 Private helpers without a twin, on purpose: common.py's _autocast and _cpu_bf16_speedup
 (MLX has no autocast, so its dtype is the weights' own and 'auto' is fp32), and this file's
-_last_logits (mlx-lm models return logits directly and take this file's _RolloutCache).
+_logits / _last_logits (the LM head on the last positions only: transformers models take
+logits_to_keep, mlx-lm models do not) and _gather_rows (mx.distributed gathers equal shapes
+only; torch.distributed gathers Python objects).
 """
 
+import contextlib
 import math
 import os
 import random
@@ -656,10 +660,13 @@ def save_checkpoint(out_dir, step, model, tokenizer, optimizer, scheduler, curso
     """<out_dir>/checkpoints/step_N: HF weights + train_state.pkl (optimizer with its step,
     RNG, data cursor, step, and for LoRA the adapter weights). Written to a temp dir, fsynced and
     renamed (harness.commit_checkpoint), so a crash mid-save never leaves a half checkpoint
-    behind; keeps the last `keep` checkpoints (0: all)."""
+    behind; keeps the last `keep` checkpoints (0: all). Under mlx.launch process 0 writes it (the
+    processes hold the same weights, optimizer and RNG state) and the others return None."""
     import pickle
     import tempfile
 
+    if not harness.is_main():
+        return None
     root = os.path.join(out_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step_{step:06d}")
@@ -715,9 +722,13 @@ def optimizer_step(model, optimizer, grads, max_grad_norm):
     """Clip, step, evaluate. Returns the pre-clip gradient norm. MLX has no .grad: the caller
     passes the accumulated gradients and drops them after. A NaN or inf norm skips the update:
     the weights and optimizer state stay as they were (so the norm is evaluated first: two
-    mx.eval per step, the gradients then the update)."""
+    mx.eval per step, the gradients then the update). Under mlx.launch it first sums the
+    processes' gradients (each holds its microbatches' share), so all of them take the same step."""
     import mlx.optimizers as optim
+    from mlx.utils import tree_map
 
+    if harness.world_size() > 1:
+        grads = tree_map(mx.distributed.all_sum, grads)
     grads, grad_norm = optim.clip_grad_norm(grads, max_grad_norm)
     grad_norm = grad_norm.item()
     if math.isfinite(grad_norm):
@@ -729,23 +740,111 @@ def optimizer_step(model, optimizer, grads, max_grad_norm):
 def evaluate_and_log(model, tokenizer, examples, args, step, log):
     """Greedy held-out evaluation, logged and printed (harness.record_eval); with
     --eval-samples k, also k samples per question at the run's sampling settings: mean@k,
-    pass@k, mixed share and entropy (harness.sample_stats). Returns the summary."""
+    pass@k, mixed share and entropy (harness.sample_stats). Returns the summary. Under mlx.launch
+    each process answers its share of the questions and every process gets the whole summary."""
     reward_fn = rewards.get_reward_fn(args.reward)
     greedy = harness.Sampling(max_new_tokens=args.max_new_tokens, temperature=0.0)
-    rows, summary = evaluate(model, tokenizer, examples, reward_fn, greedy, batch_size=args.eval_batch_size,
-                             desc=f"eval@{step}")
+    examples = rank_share(examples)
+    rows = all_gather(evaluate(model, tokenizer, examples, reward_fn, greedy, batch_size=args.eval_batch_size,
+                               desc=f"eval@{step}")[0])
+    summary = rewards.summarize_rewards(rows)
     if args.eval_samples > 0:
         k = args.eval_samples
-        sampled, _ = evaluate(model, tokenizer, [ex for ex in examples for _ in range(k)], reward_fn,
-                              harness.Sampling.from_args(args), batch_size=args.eval_batch_size, desc=f"samples@{step}")
-        summary.update(harness.sample_stats(sampled, k))
+        with rank_generator(mx.default_device()):
+            sampled, _ = evaluate(model, tokenizer, [ex for ex in examples for _ in range(k)], reward_fn,
+                                  harness.Sampling.from_args(args), batch_size=args.eval_batch_size,
+                                  desc=f"samples@{step}")
+        summary.update(harness.sample_stats(all_gather(sampled), k))
     return harness.record_eval(rows, summary, args.out_dir, step, log)
 
 
 def finish(args, model, tokenizer, summary, title):
     """Save <out_dir>/final (HF format), with --plot draw its metrics, and, when the run
-    evaluated, print and save its summary."""
-    save_pretrained(model, tokenizer, os.path.join(args.out_dir, "final"))
-    if args.plot:
-        harness.plot_run(args.out_dir)
+    evaluated, print and save its summary. Under mlx.launch process 0 does it and the others wait
+    for it (grpo_mlx.py's warm start loads that final model next)."""
+    if harness.is_main():
+        save_pretrained(model, tokenizer, os.path.join(args.out_dir, "final"))
+        if args.plot:
+            harness.plot_run(args.out_dir)
+    all_reduce_sum({"finished": 1})  # a barrier (mx.distributed has none): it returns when every process got here
     return harness.write_summary(summary, args.out_dir, title)
+
+
+# ----------------------------------------------------------------------------- several processes (mlx.launch)
+# `mlx.launch -n N -- python script.py` starts N copies of a script (the ring backend over TCP
+# on this machine's 127.0.0.1; --hosts for several machines), each holding the whole model.
+# As under torchrun (common.py): each takes its share of a step's microbatches (and of the
+# rollouts to sample and grade, and of the held-out questions); the losses keep the one-process
+# normalizers and optimizer_step sums the gradients, so every process takes the step one
+# process would. Process 0 alone writes files. A plain `python script.py` joins nothing, and
+# these helpers hand their input back unchanged.
+
+
+def init_distributed(device="auto"):
+    """Join the other processes when mlx.launch started this one (mx.distributed, the backend
+    mlx.launch set up). Sets torchrun's WORLD_SIZE and RANK from the group, which
+    harness.world_size / is_main read. Nothing in a single process, or when already joined."""
+    group = mx.distributed.init()
+    if group.size() > 1:
+        os.environ["WORLD_SIZE"], os.environ["RANK"] = str(group.size()), str(group.rank())
+
+
+def rank_share(items):
+    """This process's contiguous share of items (a list or a range): rank r of N takes
+    items[len·r // N : len·(r+1) // N]. All of them in a single process."""
+    world = harness.world_size()
+    if world == 1:
+        return items
+    rank = mx.distributed.init().rank()
+    return items[len(items) * rank // world : len(items) * (rank + 1) // world]
+
+
+def all_gather(x):
+    """Every process's x, joined in rank order, on every process: a list (of picklable items)
+    or an mx.array (joined along axis 0; its first dimension may differ between processes).
+    x in a single process."""
+    if harness.world_size() == 1:
+        return x
+    if isinstance(x, mx.array):
+        return mx.concatenate(_gather_rows(x))
+    import pickle
+
+    parts = _gather_rows(mx.array(np.frombuffer(pickle.dumps(x), dtype=np.uint8)))
+    return [item for part in parts for item in pickle.loads(bytes(np.array(part)))]
+
+
+def _gather_rows(x):
+    """x (n, ...) of every process, n per process -> the list of them, in rank order. MLX's
+    all_gather wants one shape: each x is padded to the largest n first."""
+    sizes = mx.distributed.all_gather(mx.array([x.shape[0]])).tolist()
+    n = max(sizes)
+    gathered = mx.distributed.all_gather(mx.pad(x, [(0, n - x.shape[0])] + [(0, 0)] * (x.ndim - 1)))
+    return [gathered[r * n : r * n + size] for r, size in enumerate(sizes)]
+
+
+def all_reduce_sum(values):
+    """values, a dict of numbers, summed over the processes (as they are in a single process)."""
+    if harness.world_size() == 1:
+        return values
+    total = mx.distributed.all_sum(mx.array([float(v) for v in values.values()], dtype=mx.float64), stream=mx.cpu)
+    return dict(zip(values, total.tolist()))
+
+
+@contextlib.contextmanager
+def rank_generator(device):
+    """Where a sampling call draws: `with rank_generator(device): generate(...)`. MLX has no
+    generator object (a key passed to generate would be reused at every token), so this forks
+    the global RNG instead: in a single process nothing (the global RNG, as always); under
+    mlx.launch every process keeps the same global RNG state (seeded alike and drawn from
+    alike, so a checkpoint's one state resumes them all): one seed is drawn from it, the body
+    samples from seed + rank, and the global state is put back after."""
+    if harness.world_size() == 1:
+        yield None
+        return
+    seed = mx.random.randint(0, 2**31 - 1, ()).item()
+    high, low = (int(x) for x in np.array(mx.random.state[0]))
+    mx.random.seed(seed + mx.distributed.init().rank())
+    try:
+        yield None
+    finally:
+        mx.random.seed((high << 32) | low)

@@ -10,6 +10,7 @@ directories, so a torch run continues here and the other way round.
     uv run python grpo_mlx.py
     uv run python grpo_mlx.py --group-size 4 --loss-type dapo --cliprange-high 0.28
     uv run python grpo_mlx.py --model runs/sft/final --warmstart-steps 0 --lora-rank 16
+    uv run mlx.launch -n 2 -- python grpo_mlx.py   # 2 processes (README: Several processes)
 """
 
 import functools
@@ -104,7 +105,9 @@ def warm_start(args):
         sft.main(sft.parse_args(["--model", args.model, "--task", args.task, "--out-dir", path, "--seed", str(args.seed),
                                  "--n-steps", str(args.warmstart_steps), "--device", args.device, "--dtype", args.dtype,
                                  "--n-eval", str(args.n_eval), "--max-new-tokens", str(args.max_new_tokens),
-                                 "--eval-every", "0", "--save-every", "0", "--cache-dir", args.cache_dir]))
+                                 "--eval-every", "0", "--save-every", "0", "--cache-dir", args.cache_dir,
+                                 # under mlx.launch, at least one microbatch per process
+                                 "--grad-accum", str(max(sft.grad_accum, harness.world_size()))]))
     return os.path.join(path, "final")
 
 
@@ -147,6 +150,10 @@ def policy_loss(log_probs, mask, advantages, raw_rewards, old_log_probs, ref_log
 
 
 def main(args):
+    common.init_distributed(args.device)  # under mlx.launch: join the other processes (a plain run: nothing)
+    if args.grad_accum % harness.world_size():  # known only now: parse_args checks torchrun's
+        raise SystemExit(f"--grad-accum ({args.grad_accum}) must be a multiple of the number of processes "
+                         f"({harness.world_size()}), which share each optimizer step's microbatches")
     common.set_seed(args.seed)
     os.makedirs(args.out_dir, exist_ok=True)
     start_model = warm_start(args) if args.warmstart_steps > 0 else args.model
@@ -161,8 +168,9 @@ def main(args):
                                                  total_optimizer_steps)
     train_examples = tasks.load_examples(args, "train", args.n_train)
     eval_examples = tasks.load_examples(args, "eval", args.n_eval)
-    # guarded (a reward that raises or hangs scores 0, counted); each (response, answer) graded
-    # once, though dynamic sampling grades before the advantages do
+    # guarded (a reward that raises or hangs scores 0, counted); a response repeated in a group
+    # graded once; the advantages reuse the scores of sample_groups (under mlx.launch, graded by
+    # the process that sampled them)
     grader = rewards.get_reward_fn(args.reward)
     reward_fn = functools.lru_cache(maxsize=4096)(grader)
     sampling = harness.Sampling.from_args(args)
@@ -188,17 +196,21 @@ def main(args):
         nonlocal cursor
         questions = harness.take(train_examples, cursor, n_questions, args.seed)
         cursor += n_questions
+        questions = common.rank_share(questions)  # under mlx.launch each process samples and grades its share
         prompts = [tasks.r1_zero_prompt(q["question"]) for q in questions for _ in range(args.group_size)]
         answers = [q["answer"] for q in questions for _ in range(args.group_size)]
-        rollouts = common.generate(model, tokenizer, prompts, sampling, batch_size=args.rollout_batch_size)
+        with common.rank_generator(mx.default_device()):
+            rollouts = common.generate(model, tokenizer, prompts, sampling, batch_size=args.rollout_batch_size)
         for r, answer in zip(rollouts, answers):
             r["answer"] = answer
-        return rollouts, [reward_fn(r["response"], r["answer"]) for r in rollouts]
+        scores = [reward_fn(r["response"], r["answer"]) for r in rollouts]
+        return common.all_gather(rollouts), common.all_gather(scores)  # every process holds the whole batch
 
     summary = None
     if start_step == 0:
         summary = common.evaluate_and_log(model, tokenizer, eval_examples, args, 0, log)
-    bar = tqdm(range(start_step, args.n_steps), desc="grpo", initial=start_step, total=args.n_steps)
+    bar = tqdm(range(start_step, args.n_steps), desc="grpo", initial=start_step, total=args.n_steps,
+               disable=not harness.is_main())
     for step in bar:
         t0 = time.perf_counter()
         # ---- rollouts: group_size samples for each question, graded (sample_groups above)
@@ -213,8 +225,10 @@ def main(args):
         t_rollout = time.perf_counter() - t0
 
         # ---- rewards -> advantages: A = (r - mean_group) [/ std]
+        graded = {(r["response"], r["answer"]): s for r, s in zip(rollouts, scores)}
         advantages, raw_rewards, reward_meta = common.compute_group_normalized_rewards(
-            reward_fn=reward_fn, rollout_responses=[r["response"] for r in rollouts], repeated_ground_truths=answers,
+            reward_fn=lambda response, answer: graded[response, answer],
+            rollout_responses=[r["response"] for r in rollouts], repeated_ground_truths=answers,
             group_size=args.group_size, advantage_eps=args.advantage_eps, normalize_by_std=args.scale_rewards == "group")
         if args.scale_rewards == "batch":
             advantages = advantages / (np.std(np.array(raw_rewards), ddof=1).item() + args.advantage_eps)
@@ -226,11 +240,11 @@ def main(args):
         advantages, raw_rewards = advantages[:, None], raw_rewards[:, None]  # (B, 1)
         skip = harness.positions(batch["input_ids"].tolist(), batch["response_mask"].tolist())  # work to skip
 
-        def all_log_probs(m):
-            return mx.concatenate([common.get_response_log_probs(m, batch["input_ids"][i : i + micro],
-                                                                 batch["labels"][i : i + micro],
-                                                                 temperature=args.temperature, **skip)["log_probs"]
-                                   for i in range(0, args.rollout_batch_size, micro)])
+        def all_log_probs(m):  # each process computes its share of the microbatches
+            starts = common.rank_share(range(0, args.rollout_batch_size, micro))
+            return common.all_gather(mx.concatenate([
+                common.get_response_log_probs(m, batch["input_ids"][i : i + micro], batch["labels"][i : i + micro],
+                                              temperature=args.temperature, **skip)["log_probs"] for i in starts]))
 
         # a forward pass for π_old only when a ratio needs it and a later update reuses these rollouts
         old_log_probs = all_log_probs(model) if needs_ratio and off_policy else None
@@ -238,31 +252,35 @@ def main(args):
         mx.eval(old_log_probs, ref_log_probs)
 
         # ---- policy-gradient steps over the rollouts
-        t1, stats = time.perf_counter(), {"loss": 0.0, "entropy": [], "clip_frac": [], "kl": [], "grad_norm": []}
+        t1, stats = time.perf_counter(), {"loss": [], "entropy": [], "clip_frac": [], "kl": [], "grad_norm": []}
         for epoch in range(args.epochs_per_rollout):
             shuffle = epoch > 0 or optimizer_steps_per_rollout > 1
             order = mx.random.permutation(args.rollout_batch_size) if shuffle else mx.arange(args.rollout_batch_size)
             for first in range(0, args.rollout_batch_size, args.batch_size):
                 opt_rows, grads, micro_stats = order[first : first + args.batch_size], None, []
                 step_tokens = batch["response_mask"][opt_rows].sum().item()
-                for m0 in range(0, args.batch_size, micro):
+                firsts = common.rank_share(range(0, args.batch_size, micro))  # this process's microbatches
+                for m0 in firsts:
                     rows = opt_rows[m0 : m0 + micro]
                     (loss, entropy, loss_stats), g = loss_and_grad(
                         model, batch, rows, advantages, raw_rewards,
                         None if old_log_probs is None else old_log_probs[rows],
                         None if ref_log_probs is None else ref_log_probs[rows], step_tokens, skip)
                     grads = g if grads is None else tree_map(mx.add, grads, g)
-                    if m0 + micro < args.batch_size:  # bound memory to one microbatch's graph
+                    if m0 != firsts[-1]:  # bound memory to one microbatch's graph
                         mx.eval(grads)
                     micro_stats.append((loss, entropy, loss_stats))
                 stats["grad_norm"].append(common.optimizer_step(model, optimizer, grads, args.max_grad_norm))
                 bad_steps = harness.count_bad_steps(stats["grad_norm"][-1], bad_steps, args.max_bad_steps)
                 for loss, entropy, loss_stats in micro_stats:  # .item() now adds only what the update skipped
-                    stats["loss"] += loss.item()
+                    stats["loss"].append(loss.item())
                     stats["entropy"].append(entropy.item())
                     stats["clip_frac"].append(loss_stats["clip_frac"].item())
                     stats["kl"].append(loss_stats["kl"].item())
         t_train = time.perf_counter() - t1
+        for key in ("loss", "entropy", "clip_frac", "kl"):  # every process's microbatches
+            stats[key] = common.all_gather(stats[key])
+        reward_failures = int(common.all_reduce_sum({"failures": grader.failures})["failures"])
 
         # ---- log, eval, checkpoint
         lengths = np.array([len(r["response_ids"]) for r in rollouts], dtype=np.float32)
@@ -271,12 +289,12 @@ def main(args):
                "format_reward": reward_meta["format_reward"], "answer_reward": reward_meta["answer_reward"],
                "zero_std_frac": reward_meta["zero_std_frac"], "response_len": lengths.mean().item(),
                "response_len_max": lengths.max().item(), "truncated_frac": truncated.mean().item(),
-               "entropy": sum(stats["entropy"]) / len(stats["entropy"]), "loss": stats["loss"],
+               "entropy": sum(stats["entropy"]) / len(stats["entropy"]), "loss": sum(stats["loss"]),
                "clip_frac": sum(stats["clip_frac"]) / len(stats["clip_frac"]),
                "kl": sum(stats["kl"]) / len(stats["kl"]), "grad_norm": max(stats["grad_norm"]),
                "lr": scheduler(optimizer.step).item(), "rollout_tok_s": lengths.sum().item() / t_rollout,
                "train_tok_s": n_train_tokens / t_train, "step_s": time.perf_counter() - t0,
-               "peak_rss_gb": harness.peak_rss_gb(), "reward_failures": grader.failures, **sampled, **reward_parts}
+               "peak_rss_gb": harness.peak_rss_gb(), "reward_failures": reward_failures, **sampled, **reward_parts}
         log(row)
         bar.set_postfix(reward=f"{row['reward']:.2f}", fmt=f"{row['format_reward']:.2f}", len=f"{row['response_len']:.0f}",
                         s=f"{row['step_s']:.0f}")

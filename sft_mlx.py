@@ -7,6 +7,7 @@ completion only (token-mean per microbatch), or --packed Alpaca documents.
 
     uv run python sft_mlx.py                                      # gsm_symbolic traces
     uv run python sft_mlx.py --task chain_sum --n-steps 40 --lora-rank 16
+    uv run mlx.launch -n 2 -- python sft_mlx.py --task chain_sum   # 2 processes (README: Several processes)
 """
 
 import os
@@ -88,6 +89,10 @@ def packed_batch(dataset, cursor, n, seed):
 
 
 def main(args):
+    common.init_distributed(args.device)  # under mlx.launch: join the other processes (a plain run: nothing)
+    if args.grad_accum % harness.world_size():  # known only now: parse_args checks torchrun's
+        raise SystemExit(f"--grad-accum ({args.grad_accum}) must be a multiple of the number of processes "
+                         f"({harness.world_size()}), which share each optimizer step's microbatches")
     common.set_seed(args.seed)
     os.makedirs(args.out_dir, exist_ok=True)
     model, tokenizer, ckpt = common.load_policy(args)
@@ -105,29 +110,32 @@ def main(args):
 
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     micro, summary, bad_steps = args.batch_size // args.grad_accum, None, 0
-    bar = tqdm(range(start_step, args.n_steps), desc="sft", initial=start_step, total=args.n_steps)
+    bar = tqdm(range(start_step, args.n_steps), desc="sft", initial=start_step, total=args.n_steps,
+               disable=not harness.is_main())
     for step in bar:
         t0, losses, n_tokens, grads = time.perf_counter(), [], 0, None
-        for i in range(args.grad_accum):
+        firsts = common.rank_share(range(cursor, cursor + args.batch_size, micro))  # this process's microbatches
+        for i, first in enumerate(firsts):
             if packed:
-                input_ids, labels, mask = packed_batch(packed, cursor, micro, args.seed)
+                input_ids, labels, mask = packed_batch(packed, first, micro, args.seed)
             else:
-                chunk = harness.take(pairs, cursor, micro, args.seed)
+                chunk = harness.take(pairs, first, micro, args.seed)
                 batch = common.tokenize_prompt_and_output([c[0] for c in chunk], [c[1] for c in chunk], tokenizer)
                 input_ids, labels, mask = batch["input_ids"], batch["labels"], batch["response_mask"]
-            cursor += micro
             skip = harness.positions(input_ids.tolist(), mask.tolist())  # shared prefix, first scored position
             # normalized by the microbatch's mean completion length: a token-mean loss
             tokens_per_example = max(mask.sum().item(), 1) / len(mask)
             loss, g = loss_and_grad(model, input_ids, labels, mask, skip, tokens_per_example)
             grads = g if grads is None else tree_map(mx.add, grads, g)
-            if i + 1 < args.grad_accum:  # bound memory to one microbatch's graph: what accumulation is for
+            if i + 1 < len(firsts):  # bound memory to one microbatch's graph: what accumulation is for
                 mx.eval(grads)
             losses.append(loss)
             n_tokens += mask.size
+        cursor += args.batch_size
         grad_norm = common.optimizer_step(model, optimizer, grads, args.max_grad_norm)  # evaluates the step
-        bad_steps = harness.count_bad_steps(grad_norm, bad_steps, args.max_bad_steps)
         total_loss = sum(loss.item() for loss in losses)
+        total_loss, n_tokens = common.all_reduce_sum({"loss": total_loss, "tokens": n_tokens}).values()
+        bad_steps = harness.count_bad_steps(grad_norm, bad_steps, args.max_bad_steps)
         row = {"step": step + 1, "loss": total_loss, "grad_norm": grad_norm, "lr": scheduler(optimizer.step).item(),
                "train_tok_s": n_tokens / (time.perf_counter() - t0), "step_s": time.perf_counter() - t0,
                "peak_rss_gb": harness.peak_rss_gb()}

@@ -61,9 +61,7 @@ def test_bad_flag_values_stop_with_one_line(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
-TORCH_ONLY = {"completion_log_probs",  # the MLX scripts tokenize outside nn.value_and_grad
-              # torchrun's processes (torch.distributed): the MLX scripts run in one process
-              "init_distributed", "rank_share", "all_gather", "all_reduce_sum", "rank_generator"}
+TORCH_ONLY = {"completion_log_probs"}  # the MLX scripts tokenize outside nn.value_and_grad
 DIFFERENT_SIGNATURES = {"optimizer_step"}  # MLX has no .grad: it takes the gradients (see common_mlx.py)
 
 
