@@ -751,6 +751,17 @@ def evaluate_and_log(model, tokenizer, examples, args, step, log):
     return harness.record_eval(rows, summary, args.out_dir, step, log)
 
 
+def save_or_stop(args, step, n_steps, model, tokenizer, optimizer, scheduler, cursor):
+    """The end of training step `step` of n_steps: save a checkpoint when --save-every says so
+    or Ctrl-C came during the run (harness.ctrl_c_pressed), and after a Ctrl-C exit with
+    status 130 (continue with --resume)."""
+    stop = harness.ctrl_c_pressed(step, n_steps)
+    if stop or harness.due(step, args.save_every, n_steps, at_end=False):
+        save_checkpoint(args.out_dir, step, model, tokenizer, optimizer, scheduler, cursor, keep=args.keep_checkpoints)
+    if stop:
+        raise SystemExit(130)
+
+
 def finish(args, model, tokenizer, summary, title):
     """Save <out_dir>/final (HF format), with --plot draw its metrics, and, when the run
     evaluated, print and save its summary. Under torchrun process 0 does it and the others wait

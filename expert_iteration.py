@@ -138,12 +138,7 @@ def main(args):
         log(row)
         if harness.is_main():
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-        stop = harness.ctrl_c_pressed(ei_step + 1, args.n_ei_steps)  # Ctrl-C: save this step, then exit (status 130)
-        if stop or harness.due(ei_step + 1, args.save_every, args.n_ei_steps, at_end=False):
-            common.save_checkpoint(args.out_dir, ei_step + 1, model, tokenizer, optimizer, scheduler, cursor,
-                                   keep=args.keep_checkpoints)
-        if stop:
-            raise SystemExit(130)
+        common.save_or_stop(args, ei_step + 1, args.n_ei_steps, model, tokenizer, optimizer, scheduler, cursor)
     return common.finish(args, model, tokenizer, summary, f"held-out after {args.n_ei_steps} expert-iteration steps")
 
 

@@ -300,12 +300,7 @@ def main(args):
                         s=f"{row['step_s']:.0f}")
         if harness.due(step + 1, args.eval_every, args.n_steps):
             summary = common.evaluate_and_log(model, tokenizer, eval_examples, args, step + 1, log)
-        stop = harness.ctrl_c_pressed(step + 1, args.n_steps)  # Ctrl-C: save this step, then exit with status 130
-        if stop or harness.due(step + 1, args.save_every, args.n_steps, at_end=False):
-            common.save_checkpoint(args.out_dir, step + 1, model, tokenizer, optimizer, scheduler, cursor,
-                                   keep=args.keep_checkpoints)
-        if stop:
-            raise SystemExit(130)
+        common.save_or_stop(args, step + 1, args.n_steps, model, tokenizer, optimizer, scheduler, cursor)
     return common.finish(args, model, tokenizer, summary, f"held-out after {args.n_steps} GRPO steps")
 
 
