@@ -14,9 +14,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def fixed_rollouts(model, tokenizer, prompts, sampling, batch_size=64, generator=None, record=None):
-    """common.generate's rollouts, drawn from no RNG: the k-th copy of a prompt in the list
-    answers 1-4 digits picked by a hash of (prompt, k), whatever the batch or the process.
-    record: a file that gets each call's number of prompts, one per line."""
+    """common.generate's (or common_mlx.generate's) rollouts, drawn from no RNG: the k-th copy
+    of a prompt in the list answers 1-4 digits picked by a hash of (prompt, k), whatever the
+    batch or the process. record: a file that gets each call's number of prompts, one per line."""
     if record:
         with open(record, "a") as f:
             f.write(f"{len(prompts)}\n")
@@ -25,8 +25,8 @@ def fixed_rollouts(model, tokenizer, prompts, sampling, batch_size=64, generator
         k = seen[prompt] = seen.get(prompt, -1) + 1
         h = int(hashlib.sha256(f"{prompt}|{k}".encode()).hexdigest(), 16)
         response = "".join("0123456777"[(h >> (4 * i)) % 10] for i in range(1 + h % 4))
-        ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-        out.append({"prompt_ids": tokenizer(prompt, add_special_tokens=False)["input_ids"], "response_ids": ids,
+        ids = tokenizer.encode(response, add_special_tokens=False)  # encode: mlx-lm's tokenizer wrapper has it too
+        out.append({"prompt_ids": tokenizer.encode(prompt, add_special_tokens=False), "response_ids": ids,
                     "response": response, "log_probs": [0.0] * len(ids), "truncated": False, "entropy": 0.0})
     return out
 

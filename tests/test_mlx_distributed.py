@@ -4,8 +4,9 @@ torchrun. sft_mlx.py and grpo_mlx.py run a few steps on a tiny model once in thi
 once in two: the final weights agree within fp32 rounding, the logged metrics too, process 0
 alone logs (each step once) and checkpoints, and runs resumed in two processes from a
 one-process checkpoint end where the one-process runs do. Both sides sample from
-fixed_rollouts below (no RNG), which records that each process sampled half the rollouts. One
-more run samples for real, and the processes' sampling RNGs are checked to differ.
+tests/distributed_worker.fixed_rollouts (no RNG), which records that each process sampled
+half the rollouts. One more run samples for real, and the processes' sampling RNGs are
+checked to differ.
 
 This file is also the worker that mlx.launch starts: `python tests/test_mlx_distributed.py
 JOBS ROOT` runs each job, then the checks of check_helpers, then writes done_rank<R>.json
@@ -13,7 +14,6 @@ JOBS ROOT` runs each job, then the checks of check_helpers, then writes done_ran
 
 import contextlib
 import functools
-import hashlib
 import importlib
 import json
 import os
@@ -22,29 +22,13 @@ import socket
 import subprocess
 import sys
 
+from distributed_worker import fixed_rollouts  # the torch test's fixed answers, the same for MLX
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
 # ----------------------------------------------------------------------------- the worker
-
-
-def fixed_rollouts(model, tokenizer, prompts, sampling, batch_size=64, generator=None, record=None):
-    """common_mlx.generate's rollouts, drawn from no RNG: the k-th copy of a prompt in the list
-    answers 1-4 digits picked by a hash of (prompt, k), whatever the batch or the process.
-    record: a file that gets each call's number of prompts, one per line."""
-    if record:
-        with open(record, "a") as f:
-            f.write(f"{len(prompts)}\n")
-    seen, out = {}, []
-    for prompt in prompts:
-        k = seen[prompt] = seen.get(prompt, -1) + 1
-        h = int(hashlib.sha256(f"{prompt}|{k}".encode()).hexdigest(), 16)
-        response = "".join("0123456777"[(h >> (4 * i)) % 10] for i in range(1 + h % 4))
-        ids = tokenizer.encode(response, add_special_tokens=False)
-        out.append({"prompt_ids": tokenizer.encode(prompt, add_special_tokens=False), "response_ids": ids,
-                    "response": response, "log_probs": [0.0] * len(ids), "truncated": False, "entropy": 0.0})
-    return out
 
 
 def run(script, flags, fixed=True):
@@ -99,11 +83,11 @@ if __name__ == "__main__":
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
+from test_distributed import assert_same_metrics  # noqa: E402
 from test_scripts import SEVENS, common_flags, rows  # noqa: E402
 
 import harness  # noqa: E402
 
-TIMINGS = {"step_s", "train_tok_s", "rollout_tok_s", "peak_rss_gb"}
 GRPO = ["--n-steps", "2", "--warmstart-steps", "0", "--reward", SEVENS, "--lr", "1e-3", "--eval-every", "0"]
 JOBS = {  # name: script, flags (each run in one process and in two)
     "sft": ("sft_mlx", ["--n-steps", "3", "--batch-size", "8", "--grad-accum", "2", "--lr", "3e-3"]),
@@ -170,14 +154,6 @@ def assert_same_weights(a, b):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
-
-
-def assert_same_metrics(a, b):
-    assert [r["step"] for r in a] == [r["step"] for r in b]  # each step once: process 0 alone logs
-    for one, two in zip(a, b):
-        assert one.keys() == two.keys()
-        for k in one.keys() - TIMINGS:
-            assert two[k] == pytest.approx(one[k], rel=1e-4, abs=1e-6), k
 
 
 @pytest.mark.slow
