@@ -9,10 +9,11 @@ no run has is skipped. Training scripts can call `plot_runs` at the end of a run
 
 import argparse
 import fnmatch
-import json
 import math
 import os
 import sys
+
+import tasks
 
 # ---- panel groups: PNG name -> (figure title, metrics.jsonl keys, one subplot each; globs allowed)
 PANELS = {
@@ -38,21 +39,16 @@ def read_metrics(path):
     naming file:line."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("step"), (int, float)):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with a numeric 'step'")
-            rows.append(row)
+    rows = list(tasks.jsonl_objects(path, _with_step))
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
+
+
+def _with_step(row):
+    if not isinstance(row.get("step"), (int, float)):
+        raise tasks.DataError("expected a JSON object with a numeric 'step'")
+    return row
 
 
 def series(rows, key, x):

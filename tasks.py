@@ -176,21 +176,31 @@ def read_jsonl(path, kind="qa"):
     """Rows of a JSONL file. kind: 'qa' (MATH or GSM8K style -> question/answer/reasoning),
     'sft' (prompt, response) or 'dpo' (prompt, chosen, rejected). A bad line raises one
     DataError naming the file, the line and what is wrong."""
-    parse, rows = ROW_PARSERS[kind], []
+    rows = list(jsonl_objects(path, ROW_PARSERS[kind]))
+    if not rows:
+        raise DataError(f"{path}: no examples")
+    return rows
+
+
+def jsonl_objects(path, parse=lambda row: row):
+    """parse(row) for each JSON object of a JSONL file, blank lines skipped. A line that is not
+    a JSON object, or that parse rejects with a DataError, raises one DataError naming the
+    file, the line and what is wrong (plot.py reads metrics.jsonl with it too)."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not JSON ({e})") from None
+            try:
                 if not isinstance(row, dict):
                     raise DataError(f"expected a JSON object, got {type(row).__name__}")
-                rows.append(parse(row))
-            except (json.JSONDecodeError, DataError) as e:
+                row = parse(row)
+            except DataError as e:
                 raise DataError(f"{path}:{lineno}: {e}") from None
-    if not rows:
-        raise DataError(f"{path}: no examples")
-    return rows
+            yield row
 
 
 def load_examples(args, split, n):
