@@ -369,11 +369,10 @@ def pick_device(name="auto"):
 @functools.cache
 def _cpu_bf16_speedup():
     """How many times faster this CPU multiplies bf16 than fp32 matrices: 128 x 512 x 512
-    products, the two dtypes interleaved, the best of 6 each (the first, a warm-up, never
-    wins), on one thread (so another job
-    on the cores cannot starve a worker thread of one side). Well under a second even where
-    bf16 is emulated. Measured, not read from CPU flags: CPUs with the same flags gave 3.5x
-    and 0.3x."""
+    products, the two dtypes interleaved, the best of 6 each (the first round warms both up),
+    on one thread (so another job on the cores cannot starve a worker thread of one side).
+    Well under a second even where bf16 is emulated. Measured, not read from CPU flags: CPUs
+    with the same flags gave 3.5x and 0.3x."""
     a, b = torch.randn(128, 512), torch.randn(512, 512)
     pairs = {dtype: (a.to(dtype), b.to(dtype)) for dtype in (torch.float32, torch.bfloat16)}
     best = dict.fromkeys(pairs, float("inf"))
