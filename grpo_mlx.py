@@ -151,9 +151,7 @@ def policy_loss(log_probs, mask, advantages, raw_rewards, old_log_probs, ref_log
 
 def main(args):
     common.init_distributed(args.device)  # under mlx.launch: join the other processes (a plain run: nothing)
-    if args.grad_accum % harness.world_size():  # known only now: parse_args checks torchrun's
-        raise SystemExit(f"--grad-accum ({args.grad_accum}) must be a multiple of the number of processes "
-                         f"({harness.world_size()}), which share each optimizer step's microbatches")
+    harness.require_grad_accum_split(args.grad_accum)  # the process count is known only now
     common.set_seed(args.seed)
     os.makedirs(args.out_dir, exist_ok=True)
     start_model = warm_start(args) if args.warmstart_steps > 0 else args.model

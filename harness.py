@@ -67,6 +67,14 @@ def world_size():
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
+def require_grad_accum_split(grad_accum):
+    """Under mlx.launch, whose process count is known only once main has joined the group
+    (parse_args checks torchrun's): stop with one line unless --grad-accum splits evenly."""
+    if grad_accum % world_size():
+        raise SystemExit(f"--grad-accum ({grad_accum}) must be a multiple of the number of processes "
+                         f"({world_size()}), which share each optimizer step's microbatches")
+
+
 def is_main():
     """Whether this process writes the run's files and shows its progress: the only one, or torchrun's rank 0."""
     return world_size() == 1 or int(os.environ["RANK"]) == 0
