@@ -228,16 +228,19 @@ def main(args):
             batch["response_mask"][truncated] = False
         batch = {k: v.to(device) for k, v in batch.items()}
         advantages, raw_rewards = advantages.to(device)[:, None], raw_rewards.to(device)[:, None]  # (B, 1)
-        skip = harness.positions(batch["input_ids"].tolist(), batch["response_mask"].tolist())  # work to skip
+        lengths = [len(r["response_ids"]) for r in rollouts]
+        harness.release_memory()  # the rollouts' KV caches are gone: give their pages back before the updates
 
-        def log_probs_of(m, rows, entropy=False):  # under the sampling distribution: softmax(logits / T)
-            return common.get_response_log_probs(m, batch["input_ids"][rows], batch["labels"][rows], entropy,
-                                                 temperature=args.temperature, **skip)
+        def log_probs_of(m, rows, end, entropy=False):  # under the sampling distribution: softmax(logits / T)
+            ids, mask = batch["input_ids"][rows, :end], batch["response_mask"][rows, :end]
+            return common.get_response_log_probs(m, ids, batch["labels"][rows, :end], entropy, temperature=args.temperature,
+                                                 **harness.positions(ids.tolist(), mask.tolist()))  # work to skip
 
         def all_log_probs(m):  # each process computes its share of the microbatches
             starts = common.rank_share(range(0, args.rollout_batch_size, micro))
             with torch.no_grad():
-                return common.all_gather(torch.cat([log_probs_of(m, slice(i, i + micro))["log_probs"] for i in starts]))
+                return common.all_gather(torch.cat([log_probs_of(m, slice(i, i + micro), None)["log_probs"]
+                                                    for i in starts]))
 
         # a forward pass for π_old only when a ratio needs it and a later update reuses these rollouts
         old_log_probs = all_log_probs(model) if needs_ratio and off_policy else None
@@ -250,14 +253,18 @@ def main(args):
             order = torch.randperm(args.rollout_batch_size) if shuffle else torch.arange(args.rollout_batch_size)
             for first in range(0, args.rollout_batch_size, args.batch_size):
                 opt_rows = order[first : first + args.batch_size]
+                if args.loss_type != "bnpo":  # like lengths share a microbatch (bnpo normalizes per microbatch)
+                    opt_rows = torch.tensor(harness.length_sorted(opt_rows.tolist(), lengths))
                 step_tokens = batch["response_mask"][opt_rows].sum()
                 for m0 in common.rank_share(range(0, args.batch_size, micro)):  # this process's microbatches
                     rows = opt_rows[m0 : m0 + micro].to(device)
-                    mask = batch["response_mask"][rows]
-                    out = log_probs_of(model, rows, entropy=True)
-                    old = out["log_probs"].detach() if old_log_probs is None else old_log_probs[rows]
+                    end = harness.response_end(batch["response_mask"][rows].tolist())  # no columns of padding only
+                    mask = batch["response_mask"][rows, :end]
+                    out = log_probs_of(model, rows, end, entropy=True)
+                    old = out["log_probs"].detach() if old_log_probs is None else old_log_probs[rows, :end]
                     loss, loss_stats = policy_loss(out["log_probs"], mask, advantages[rows], raw_rewards[rows], old,
-                                                   None if ref_model is None else ref_log_probs[rows], step_tokens, args)
+                                                   None if ref_model is None else ref_log_probs[rows, :end], step_tokens,
+                                                   args)
                     loss.backward()
                     stats["loss"].append(loss.item())
                     stats["entropy"].append(common.masked_mean(out["token_entropy"], mask).item())
@@ -265,13 +272,14 @@ def main(args):
                     stats["kl"].append(loss_stats["kl"].item())
                 stats["grad_norm"].append(common.optimizer_step(model, optimizer, scheduler, args.max_grad_norm))
                 bad_steps = harness.count_bad_steps(stats["grad_norm"][-1], bad_steps, args.max_bad_steps)
+        harness.release_memory()
         t_train = time.perf_counter() - t1
         for key in ("loss", "entropy", "clip_frac", "kl"):  # every process's microbatches
             stats[key] = common.all_gather(stats[key])
         reward_failures = int(common.all_reduce_sum({"failures": grader.failures})["failures"])
 
         # ---- log, eval, checkpoint
-        lengths = torch.tensor([len(r["response_ids"]) for r in rollouts], dtype=torch.float32)
+        lengths = torch.tensor(lengths, dtype=torch.float32)
         n_train_tokens = batch["input_ids"].numel() * args.epochs_per_rollout
         row = {"step": step + 1, "reward": reward_meta["reward_mean"], "reward_std": reward_meta["reward_std"],
                "format_reward": reward_meta["format_reward"], "answer_reward": reward_meta["answer_reward"],

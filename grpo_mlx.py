@@ -179,10 +179,10 @@ def main(args):
     needs_ratio = args.loss_type in common.RATIO_LOSSES
     micro, bad_steps = args.batch_size // args.grad_accum, 0
 
-    def loss_fn(model, batch, rows, advantages, raw_rewards, old_log_probs, ref_log_probs, step_tokens, skip):
-        out = common.get_response_log_probs(model, batch["input_ids"][rows], batch["labels"][rows], True,
-                                            temperature=args.temperature, **skip)  # softmax(logits / T)
-        mask = batch["response_mask"][rows]
+    def loss_fn(model, batch, rows, end, advantages, raw_rewards, old_log_probs, ref_log_probs, step_tokens):
+        ids, mask = batch["input_ids"][rows, :end], batch["response_mask"][rows, :end]
+        out = common.get_response_log_probs(model, ids, batch["labels"][rows, :end], True, temperature=args.temperature,
+                                            **harness.positions(ids.tolist(), mask.tolist()))  # softmax(logits / T)
         old = mx.stop_gradient(out["log_probs"]) if old_log_probs is None else old_log_probs
         loss, stats = policy_loss(out["log_probs"], mask, advantages[rows], raw_rewards[rows], old, ref_log_probs,
                                   step_tokens, args)
@@ -236,13 +236,15 @@ def main(args):
         if args.mask_truncated:
             batch["response_mask"] = batch["response_mask"] & mx.array(~truncated)[:, None]
         advantages, raw_rewards = advantages[:, None], raw_rewards[:, None]  # (B, 1)
-        skip = harness.positions(batch["input_ids"].tolist(), batch["response_mask"].tolist())  # work to skip
+        lengths = [len(r["response_ids"]) for r in rollouts]
 
         def all_log_probs(m):  # each process computes its share of the microbatches
             starts = common.rank_share(range(0, args.rollout_batch_size, micro))
+            chunks = [{k: v[i : i + micro] for k, v in batch.items()} for i in starts]
             return common.all_gather(mx.concatenate([
-                common.get_response_log_probs(m, batch["input_ids"][i : i + micro], batch["labels"][i : i + micro],
-                                              temperature=args.temperature, **skip)["log_probs"] for i in starts]))
+                common.get_response_log_probs(m, c["input_ids"], c["labels"], temperature=args.temperature,
+                                              **harness.positions(c["input_ids"].tolist(), c["response_mask"].tolist())
+                                              )["log_probs"] for c in chunks]))
 
         # a forward pass for π_old only when a ratio needs it and a later update reuses these rollouts
         old_log_probs = all_log_probs(model) if needs_ratio and off_policy else None
@@ -256,14 +258,17 @@ def main(args):
             order = mx.random.permutation(args.rollout_batch_size) if shuffle else mx.arange(args.rollout_batch_size)
             for first in range(0, args.rollout_batch_size, args.batch_size):
                 opt_rows, grads, micro_stats = order[first : first + args.batch_size], None, []
+                if args.loss_type != "bnpo":  # like lengths share a microbatch (bnpo normalizes per microbatch)
+                    opt_rows = mx.array(harness.length_sorted(opt_rows.tolist(), lengths))
                 step_tokens = batch["response_mask"][opt_rows].sum().item()
                 firsts = common.rank_share(range(0, args.batch_size, micro))  # this process's microbatches
                 for m0 in firsts:
                     rows = opt_rows[m0 : m0 + micro]
+                    end = harness.response_end(batch["response_mask"][rows].tolist())  # no columns of padding only
                     (loss, entropy, loss_stats), g = loss_and_grad(
-                        model, batch, rows, advantages, raw_rewards,
-                        None if old_log_probs is None else old_log_probs[rows],
-                        None if ref_log_probs is None else ref_log_probs[rows], step_tokens, skip)
+                        model, batch, rows, end, advantages, raw_rewards,
+                        None if old_log_probs is None else old_log_probs[rows, :end],
+                        None if ref_log_probs is None else ref_log_probs[rows, :end], step_tokens)
                     grads = g if grads is None else tree_map(mx.add, grads, g)
                     if m0 != firsts[-1]:  # bound memory to one microbatch's graph
                         mx.eval(grads)
@@ -281,7 +286,7 @@ def main(args):
         reward_failures = int(common.all_reduce_sum({"failures": grader.failures})["failures"])
 
         # ---- log, eval, checkpoint
-        lengths = np.array([len(r["response_ids"]) for r in rollouts], dtype=np.float32)
+        lengths = np.array(lengths, dtype=np.float32)
         n_train_tokens = batch["input_ids"].size * args.epochs_per_rollout
         row = {"step": step + 1, "reward": reward_meta["reward_mean"], "reward_std": reward_meta["reward_std"],
                "format_reward": reward_meta["format_reward"], "answer_reward": reward_meta["answer_reward"],

@@ -144,3 +144,13 @@ def test_repetition_penalty_ignores_the_batch_padding(char_model_dir, framework)
     batched = gen(model, tokenizer, [short, long], sampling)[0]
     assert batched["response_ids"] == alone["response_ids"]
     np.testing.assert_allclose(batched["log_probs"], alone["log_probs"], atol=1e-5)
+
+
+def test_microbatch_cut_and_length_order():
+    # rows' last response tokens at columns 2 and 3 -> cut after column 3 (width 4 of 6);
+    # no response token anywhere -> keep the whole width
+    mask = [[False, True, True, False, False, False], [False, False, True, True, False, False]]
+    assert harness.response_end(mask) == 4
+    assert harness.response_end([[False] * 6]) == 6
+    # lengths 5, 2, 9, 2 -> rows by length, the two 2s in their given order (3 before 1 here)
+    assert harness.length_sorted([0, 3, 1, 2], [5, 2, 9, 2]) == [3, 1, 0, 2]

@@ -110,3 +110,27 @@ def test_grpo_resume_equals_an_uninterrupted_run(char_model_dir, tmp_path):
         assert torch.equal(a[k], b[k]), k
     steps = [r["step"] for r in rows(resumed / "metrics.jsonl") if "reward" in r]
     assert steps == [3, 4]
+
+
+@pytest.mark.parametrize("script", ["grpo", "grpo_mlx"])
+def test_microbatches_cut_to_their_rollouts_take_the_step_of_one_full_width_batch(char_model_dir, tmp_path, script):
+    """The update sorts the rollouts by length into microbatches and cuts each one after its
+    last response token (harness.length_sorted, harness.response_end): no work on padding.
+    On fixed rollouts of 1-4 digits after prompts of different lengths, two steps in 4 such
+    microbatches end at the weights of two steps in one microbatch of the batch's full width."""
+    import numpy as np
+    from distributed_worker import run as run_torch
+    from safetensors.numpy import load_file
+    from test_mlx_distributed import run as run_mlx
+
+    run = run_mlx if script.endswith("mlx") else run_torch
+    flags = ["--rollout-batch-size", "16", "--group-size", "4", "--warmstart-steps", "0", "--reward", SEVENS,
+             "--lr", "1e-3", "--eval-every", "0", "--n-steps", "2", "--save-every", "0"]
+    for accum in (1, 4):
+        run(script, common_flags(char_model_dir, tmp_path / str(accum)) + flags + ["--grad-accum", str(accum)])
+    lengths = {r["response_len_max"] - r["response_len"] for r in rows(tmp_path / "4" / "metrics.jsonl") if "reward" in r}
+    assert lengths != {0}  # the rollouts differ in length: there is padding to cut
+    one, four = (load_file(tmp_path / str(a) / "final" / "model.safetensors") for a in (1, 4))
+    assert one.keys() == four.keys()
+    for k in one:
+        np.testing.assert_allclose(four[k], one[k], rtol=1e-5, atol=1e-6, err_msg=k)
