@@ -34,18 +34,23 @@ def fixed_rollouts(model, tokenizer, prompts, sampling, batch_size=64, generator
 def run(script, flags, fixed=True):
     """script.main(script.parse_args(flags)); with fixed, on fixed_rollouts (each call's size
     recorded in <out-dir>/sampled_rank<R>.txt) and with no per-rank generator, so that the
-    global RNG (GRPO's shuffles) is drawn from as in one process."""
-    import common
+    global RNG (GRPO's shuffles) is drawn from as in one process. An MLX script (*_mlx) gets
+    common_mlx patched instead (its rank from mlx.launch's MLX_RANK, its rank_generator a
+    no-op context)."""
+    import contextlib
 
+    mlx = script.endswith("_mlx")
+    common = importlib.import_module("common_mlx" if mlx else "common")
     module = importlib.import_module(script)
     args = module.parse_args(flags)
     if not fixed:
         return module.main(args)
     os.makedirs(args.out_dir, exist_ok=True)
-    record = os.path.join(args.out_dir, f"sampled_rank{os.environ.get('RANK', 0)}.txt")
+    rank = os.environ.get("MLX_RANK" if mlx else "RANK", 0)
+    record = os.path.join(args.out_dir, f"sampled_rank{rank}.txt")
     saved = common.generate, common.rank_generator
     common.generate = functools.partial(fixed_rollouts, record=record)
-    common.rank_generator = lambda device: None
+    common.rank_generator = (lambda device: contextlib.nullcontext()) if mlx else (lambda device: None)
     try:
         return module.main(args)
     finally:

@@ -12,8 +12,6 @@ This file is also the worker that mlx.launch starts: `python tests/test_mlx_dist
 JOBS ROOT` runs each job, then the checks of check_helpers, then writes done_rank<R>.json
 (mlx.launch exits 0 even when a process fails, so the test looks for those)."""
 
-import contextlib
-import functools
 import importlib
 import json
 import os
@@ -22,34 +20,13 @@ import socket
 import subprocess
 import sys
 
-from distributed_worker import fixed_rollouts  # the torch test's fixed answers, the same for MLX
+from distributed_worker import run  # the torch test's runner on fixed answers, common_mlx patched for *_mlx
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
 # ----------------------------------------------------------------------------- the worker
-
-
-def run(script, flags, fixed=True):
-    """script.main(script.parse_args(flags)); with fixed, on fixed_rollouts (each call's size
-    recorded in <out-dir>/sampled_rank<R>.txt) and with rank_generator a no-op, so that the
-    global RNG (GRPO's shuffles) is drawn from as in one process."""
-    import common_mlx
-
-    module = importlib.import_module(script)
-    args = module.parse_args(flags)
-    if not fixed:
-        return module.main(args)
-    os.makedirs(args.out_dir, exist_ok=True)
-    record = os.path.join(args.out_dir, f"sampled_rank{os.environ.get('MLX_RANK', 0)}.txt")
-    saved = common_mlx.generate, common_mlx.rank_generator
-    common_mlx.generate = functools.partial(fixed_rollouts, record=record)
-    common_mlx.rank_generator = lambda device: contextlib.nullcontext()
-    try:
-        return module.main(args)
-    finally:
-        common_mlx.generate, common_mlx.rank_generator = saved
 
 
 def check_helpers(out_dir):

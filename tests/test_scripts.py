@@ -119,11 +119,9 @@ def test_microbatches_cut_to_their_rollouts_take_the_step_of_one_full_width_batc
     On fixed rollouts of 1-4 digits after prompts of different lengths, two steps in 4 such
     microbatches end at the weights of two steps in one microbatch of the batch's full width."""
     import numpy as np
-    from distributed_worker import run as run_torch
+    from distributed_worker import run
     from safetensors.numpy import load_file
-    from test_mlx_distributed import run as run_mlx
 
-    run = run_mlx if script.endswith("mlx") else run_torch
     flags = ["--rollout-batch-size", "16", "--group-size", "4", "--warmstart-steps", "0", "--reward", SEVENS,
              "--lr", "1e-3", "--eval-every", "0", "--n-steps", "2", "--save-every", "0"]
     for accum in (1, 4):
