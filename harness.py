@@ -92,6 +92,9 @@ def check_inputs(parser, args, train_kind="qa"):
 
     if hasattr(args, "grad_accum"):
         require_multiple(parser, [("--grad-accum", args.grad_accum, "the number of processes", world_size())])
+    for flag in ("n_eval", "n_train"):  # counts of at least one (0 would fail deep inside a run)
+        if getattr(args, flag, 1) < 1:
+            parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
 
     try:
         train_data, eval_data = getattr(args, "train_data", ""), getattr(args, "eval_data", "")

@@ -59,6 +59,9 @@ def test_bad_flag_values_stop_with_one_line(capsys):
     with pytest.raises(SystemExit):
         grpo.parse_args(["--loss-type", "ppo"])
     assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        grpo.parse_args(["--n-eval", "0"])
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("--n-eval 0: must be at least 1")
 
 
 TORCH_ONLY = {"completion_log_probs"}  # the MLX scripts tokenize outside nn.value_and_grad
