@@ -8,6 +8,7 @@ here, a second implementation). Below them, the setup helpers every torch script
 evaluation.
 """
 
+import contextlib
 import functools
 import math
 import os
@@ -80,10 +81,12 @@ def get_response_log_probs(model, input_ids, labels, return_token_entropy=False,
     from transformers import DynamicCache
 
     B, K, cache = input_ids.shape[0], shared_prefix, DynamicCache()
-    head = model(input_ids[:1, :K], past_key_values=cache, use_cache=True, logits_to_keep=max(1, K - S)).logits[0]
+    with _checkpointing(model, False):  # the prefix is one row: its activations are kept, its KV written once
+        head = model(input_ids[:1, :K], past_key_values=cache, use_cache=True, logits_to_keep=max(1, K - S)).logits[0]
     cache.batch_repeat_interleave(B)  # differentiable copy: gradients flow back into the prefix
+    _read_only(cache)  # the tail reads the prefix's KV and appends nothing to it
     tail_from = max(S, K)  # first scored position inside the tail
-    tail = _tempered(model(input_ids[:, K:], past_key_values=cache, use_cache=True, logits_to_keep=T - tail_from).logits,
+    tail = _tempered(model(input_ids[:, K:], past_key_values=cache, use_cache=False, logits_to_keep=T - tail_from).logits,
                      temperature)  # (B, T - tail_from, V)
     out = _scored(_log_probs_from_logits(tail, labels[:, tail_from:], return_token_entropy), tail_from - K)
     if S >= K:  # nothing scored in the prefix
@@ -98,6 +101,28 @@ def get_response_log_probs(model, input_ids, labels, return_token_entropy=False,
     return _scored(out, S)
 
 
+def _read_only(cache):
+    """The tail's layers read the prefix's KV without appending to it: a layer run twice (a
+    replay under activation checkpointing) sees the same prefix the first run saw."""
+    for layer in cache.layers:
+        layer.update = lambda k, v, *args, _layer=layer, **kwargs: (torch.cat([_layer.keys, k], -2),
+                                                                     torch.cat([_layer.values, v], -2))
+
+
+@contextlib.contextmanager
+def _checkpointing(model, on):
+    """Activation checkpointing of the model's layers on or off inside the block (a no-op for
+    a model that never had it enabled, see checkpoint_layers in load_policy)."""
+    layers = [m for m in model.modules() if getattr(m, "_nanoalign_checkpointing", False)]
+    for layer in layers:
+        layer.gradient_checkpointing = on
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.gradient_checkpointing = True
+
+
 def _scored(out, n_skipped):
     """Left-pad each (B, t) tensor in out with n_skipped zero columns: the unscored positions."""
     if n_skipped == 0:
@@ -110,14 +135,17 @@ def _tempered(logits, temperature):
     return logits if temperature in (0, 1) else logits / temperature
 
 
-def _log_probs_from_logits(logits, labels, return_token_entropy):
-    logits = logits.float()
-    lse = torch.logsumexp(logits, dim=-1)
-    out = {"log_probs": logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse}
+def _log_probs_from_logits(logits, labels, return_token_entropy, chunk=512):
+    """log p(label) and entropy from (B, T, V) logits, `chunk` positions at a time: the
+    V-wide temporaries of logsumexp and the entropy (each as large as the logits, ~6 for the
+    entropy) exist for one chunk, not the batch (16 rollouts x 80 tokens: 250 MB each)."""
+    B, T, V = logits.shape
+    z, y = logits.float().reshape(B * T, V).split(chunk), labels.reshape(B * T, 1).split(chunk)
+    out = {"log_probs": torch.cat([zc.gather(-1, yc)[:, 0] - torch.logsumexp(zc, dim=-1) for zc, yc in zip(z, y)])}
     if return_token_entropy:
         with torch.no_grad():
-            out["token_entropy"] = compute_entropy(logits)
-    return out
+            out["token_entropy"] = torch.cat([compute_entropy(zc) for zc in z])
+    return {k: v.view(B, T) for k, v in out.items()}
 
 
 # ----------------------------------------------------------------------------- normalization
@@ -687,7 +715,21 @@ def load_policy(args, start_model=None):
     if args.lora_rank:
         model = add_lora(model, args.lora_rank)
     model.config.use_cache = False
+    if getattr(args, "checkpoint_activations", False):
+        _checkpoint_layers(model)
     return model, tokenizer, ckpt
+
+
+def _checkpoint_layers(model):
+    """Activation checkpointing: in training, each decoder layer keeps only its input and runs
+    again in the backward pass (one more forward of the body; the training forward's memory
+    falls from ~50 KB to ~2 KB a token per layer). transformers drops a KV cache under
+    checkpointing, since a layer that writes its cache would write it twice; the shared
+    prefix's cache is read-only in the tail (_read_only), so the layers may keep it."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for layer in model.modules():
+        if getattr(layer, "gradient_checkpointing", False):
+            layer._can_checkpoint_with_cache = layer._nanoalign_checkpointing = True
 
 
 def resume(ckpt, model, optimizer, scheduler):

@@ -183,6 +183,37 @@ def test_get_response_log_probs_shared_prefix_matches_naive():
         assert torch.allclose(g_shared, p.grad, atol=1e-5), "shared-prefix gradients differ"
 
 
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_activation_checkpointing_keeps_the_shared_prefix_values_and_gradients(compute_dtype):
+    # --checkpoint-activations: each layer runs again in the backward pass (counted), reading
+    # the prefix KV it read the first time: the same log-probs and gradients as without it
+    # (a pre-hook counts: the replay stops early, after the last tensor the backward needs)
+    def run(checkpointed):
+        model = tiny_llama(vocab_size=64, seed=0).train()
+        model.compute_dtype = compute_dtype
+        if compute_dtype != torch.float32:
+            model.get_decoder().forward = torch.autocast("cpu", dtype=compute_dtype)(model.get_decoder().forward)
+        if checkpointed:
+            common._checkpoint_layers(model)
+        calls = []
+        for layer in model.model.layers:
+            layer.mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+        input_ids, labels = _random_ids((3, 9), 64, 1), _random_ids((3, 9), 64, 2)
+        input_ids[:, :4] = input_ids[0, :4]
+        out = common.get_response_log_probs(model, input_ids, labels, True, shared_prefix=4, score_from=2)
+        (out["log_probs"] * torch.linspace(-1, 1, 27).view(3, 9)).sum().backward()
+        return out["log_probs"].detach(), [p.grad for p in model.parameters()], len(calls)
+
+    plain_lp, plain_grads, plain_calls = run(False)
+    lp, grads, calls = run(True)
+    assert plain_calls == 2 * 2  # 2 layers: the prefix pass and the tail pass
+    assert calls == 2 * 3  # + the tail pass replayed in the backward pass
+    tol = 1e-5 if compute_dtype == torch.float32 else 1e-2
+    _close(lp, plain_lp, atol=tol)
+    for g, g_plain in zip(grads, plain_grads):
+        assert torch.allclose(g, g_plain, atol=tol, rtol=tol), "checkpointed gradients differ"
+
+
 @pytest.mark.parametrize("shared_prefix,score_from", [(0, 3), (4, 2), (4, 6), (0, 0)])
 def test_get_response_log_probs_score_from(shared_prefix, score_from):
     # positions >= score_from: the full forward pass's values and gradients; before it: 0
