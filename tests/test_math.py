@@ -183,6 +183,21 @@ def test_get_response_log_probs_shared_prefix_matches_naive():
         assert torch.allclose(g_shared, p.grad, atol=1e-5), "shared-prefix gradients differ"
 
 
+def test_log_probs_in_chunks_equal_the_whole_batch_at_once():
+    # 21 positions in chunks of 4 (the last one short): log_softmax's values, entropy and gradient
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(3, 7, 50)).requires_grad_()
+    labels = torch.randint(0, 50, (3, 7))
+    out = common._log_probs_from_logits(logits, labels, True, chunk=4)
+    log_softmax = torch.log_softmax(logits.double(), -1)
+    _close(out["log_probs"].double(), log_softmax.gather(-1, labels[..., None])[..., 0], atol=1e-5)
+    _close(out["token_entropy"].double(), -(log_softmax.exp() * log_softmax).sum(-1), atol=1e-5)
+    weights = torch.linspace(-1, 1, 21).view(3, 7)
+    (out["log_probs"] * weights).sum().backward()
+    expected = torch.autograd.grad((log_softmax.gather(-1, labels[..., None])[..., 0] * weights).sum(), logits)[0]
+    _close(logits.grad.double(), expected.double(), atol=1e-6)
+
+
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
 def test_activation_checkpointing_keeps_the_shared_prefix_values_and_gradients(compute_dtype):
     # --checkpoint-activations: each layer runs again in the backward pass (counted), reading
