@@ -37,7 +37,7 @@ eval_data = ""  # JSONL of your own held-out questions; overrides --task
 reward = "r1_zero"  # r1_zero, exact, closeness, digits, path/to/file.py:function, or a weighted sum: r1_zero:1,closeness:0.2
 out_dir = "runs/grpo_mlx"  # run directory: metrics.jsonl, checkpoints/, final/
 cache_dir = ""  # where the embedded model is converted (default $NANOALIGN_CACHE or ~/.cache/nanoalign)
-warmstart_steps = 25  # SFT steps on the task's traces before GRPO (0: start from --model as is)
+warmstart_steps = 4  # SFT steps before GRPO: 4 teach the format, leave entropy for RL (0: --model as is)
 # GRPO
 n_steps = 40  # rollout + update rounds
 rollout_batch_size = 64  # completions sampled per step
@@ -50,7 +50,7 @@ beta = 0.0  # KL(k3) to the start model; 0: no reference model is loaded
 scale_rewards = "group"  # divide advantages by the group's std, the batch's, or none (Dr. GRPO: none)
 advantage_eps = 1e-6
 mask_truncated = False  # no loss on completions cut at max_new_tokens
-dynamic_sampling = False  # DAPO: drop groups whose rewards are all equal (no gradient), sample more to refill
+dynamic_sampling = True  # DAPO: drop groups with all rewards equal (no gradient), sample more (results/learning)
 max_sampling_rounds = 3  # with --dynamic-sampling: at most this many rollout rounds per step
 # optimization
 lr = 1e-5

@@ -219,7 +219,7 @@ def test_dynamic_sampling_learns_a_sparse_reward_in_fewer_steps(char_model_dir, 
             "--n-train", "256", "--device", "cpu", "--dtype", "float32", "--reward", SEVEN_FIRST, "--n-steps", "16",
             "--rollout-batch-size", "32", "--group-size", "8", "--grad-accum", "1", "--lr", "3e-3",
             "--warmstart-steps", "0", "--eval-every", "2", "--save-every", "0", "--seed", str(seed),
-            "--max-sampling-rounds", "4"] + (["--dynamic-sampling"] if dynamic else [])))
+            "--max-sampling-rounds", "4", "--dynamic-sampling" if dynamic else "--no-dynamic-sampling"]))
         evals = [json.loads(line) for line in open(out / "metrics.jsonl")]
         return min([r["step"] for r in evals if r.get("eval_accuracy", 0) == 1.0], default=float("inf"))
 

@@ -123,7 +123,7 @@ def test_microbatches_cut_to_their_rollouts_take_the_step_of_one_full_width_batc
     from safetensors.numpy import load_file
 
     flags = ["--rollout-batch-size", "16", "--group-size", "4", "--warmstart-steps", "0", "--reward", SEVENS,
-             "--lr", "1e-3", "--eval-every", "0", "--n-steps", "2", "--save-every", "0"]
+             "--lr", "1e-3", "--eval-every", "0", "--n-steps", "2", "--save-every", "0", "--no-dynamic-sampling"]
     for accum in (1, 4):
         run(script, common_flags(char_model_dir, tmp_path / str(accum)) + flags + ["--grad-accum", str(accum)])
     lengths = {r["response_len_max"] - r["response_len"] for r in rows(tmp_path / "4" / "metrics.jsonl") if "reward" in r}
