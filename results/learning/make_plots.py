@@ -2,10 +2,13 @@
 
     uv run python results/learning/make_plots.py
 
-accuracy_vs_wall.png: held-out accuracy of the default run (SFT warm start, then GRPO) and of
-the SFT-only control against training minutes, the sum of their logged step times (model
-loading and evaluations excluded: the runs' full walls, 16.6 and 15.4 min, are in README.md).
+accuracy_vs_wall.png: held-out accuracy of the default run (4-step SFT warm start, then GRPO
+with dynamic sampling), of the previous default (25-step warm start, plain GRPO) and of the
+SFT-only control against training minutes, the sum of their logged step times (model loading
+and evaluations excluded: the runs' full walls are in README.md).
 default_run/plots/: plot.py's panels for the GRPO part (reward, entropy, zero-variance, ...).
+experiments/warmstart_plots/: held-out accuracy, entropy and zero-variance share over GRPO
+steps from warm starts of 4, 10 and 25 SFT steps.
 """
 
 import json
@@ -33,8 +36,11 @@ def main():
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    runs = {"default run: SFT warm start (25 steps), then GRPO (40 steps)":
-            [os.path.join(HERE, "default_run", "warmstart", "metrics.jsonl"), os.path.join(HERE, "default_run", "metrics.jsonl")],
+    def sft_then_grpo(run):
+        return [os.path.join(HERE, run, "warmstart", "metrics.jsonl"), os.path.join(HERE, run, "metrics.jsonl")]
+
+    runs = {"default run: SFT warm start (4 steps), then GRPO + dynamic sampling (40 steps)": sft_then_grpo("default_run"),
+            "previous default: SFT warm start (25 steps), then GRPO (40 steps)": sft_then_grpo("default_run_warmstart25"),
             "SFT only (240 steps)": [os.path.join(HERE, "sft_only", "metrics.jsonl")]}
     fig = Figure(figsize=(7, 4.2), layout="constrained")
     FigureCanvasAgg(fig)
@@ -46,7 +52,7 @@ def main():
             ax.annotate(f"{y:.1%}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
     ax.set_xlabel("training minutes (sum of step times; loading and evaluation excluded)")
     ax.set_ylabel("held-out accuracy (greedy, strict r1_zero, n = 500)")
-    ax.set_ylim(0.5, 0.85)
+    ax.set_ylim(0.45, 0.85)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.suptitle("chain_sum, SmolLM2-135M, 2-core CPU: GRPO vs SFT for the same time", fontsize=10)
@@ -54,6 +60,15 @@ def main():
     for path in plot.plot_runs([os.path.join(HERE, "default_run", "metrics.jsonl")],
                                os.path.join(HERE, "default_run", "plots"), labels=["default run (GRPO part)"]):
         if os.path.basename(path) in ("kl.png", "clip_frac.png"):  # on-policy with beta 0: both 0 by construction
+            os.remove(path)
+    experiments = {"warm start 25 (previous default)": "default_run_warmstart25", "warm start 10": "experiments/grpo_warmstart10",
+                   "warm start 4": "experiments/grpo_warmstart4", "warm start 4, 80 steps": "experiments/grpo_warmstart4_80steps",
+                   "warm start 4 + dynamic sampling": "experiments/grpo_warmstart4_dynamic_sampling",
+                   "the same, the default run (fresh clone)": "default_run"}
+    out = os.path.join(HERE, "experiments", "warmstart_plots")
+    for path in plot.plot_runs([os.path.join(HERE, d, "metrics.jsonl") for d in experiments.values()], out,
+                               labels=list(experiments)):
+        if os.path.basename(path) not in ("accuracy.png", "entropy.png", "zero_std.png", "reward.png"):
             os.remove(path)
 
 
