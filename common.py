@@ -81,7 +81,7 @@ def get_response_log_probs(model, input_ids, labels, return_token_entropy=False,
     from transformers import DynamicCache
 
     B, K, cache = input_ids.shape[0], shared_prefix, DynamicCache()
-    with _checkpointing(model, False):  # the prefix is one row: its activations are kept, its KV written once
+    with _no_checkpointing(model):  # the prefix is one row: its activations are kept, its KV written once
         head = model(input_ids[:1, :K], past_key_values=cache, use_cache=True, logits_to_keep=max(1, K - S)).logits[0]
     cache.batch_repeat_interleave(B)  # differentiable copy: gradients flow back into the prefix
     _read_only(cache)  # the tail reads the prefix's KV and appends nothing to it
@@ -110,12 +110,12 @@ def _read_only(cache):
 
 
 @contextlib.contextmanager
-def _checkpointing(model, on):
-    """Activation checkpointing of the model's layers on or off inside the block (a no-op for
-    a model that never had it enabled, see checkpoint_layers in load_policy)."""
+def _no_checkpointing(model):
+    """Activation checkpointing off inside the block, back on after it (a no-op for a model
+    that never had it enabled: see _checkpoint_layers)."""
     layers = [m for m in model.modules() if getattr(m, "_nanoalign_checkpointing", False)]
     for layer in layers:
-        layer.gradient_checkpointing = on
+        layer.gradient_checkpointing = False
     try:
         yield
     finally:
@@ -720,7 +720,7 @@ def load_policy(args, start_model=None):
     return model, tokenizer, ckpt
 
 
-def _checkpoint_layers(model):
+def _checkpoint_layers(model):  # torch only, like _read_only and _no_checkpointing: mlx_lm's cache is written in place
     """Activation checkpointing: in training, each decoder layer keeps only its input and runs
     again in the backward pass (one more forward of the body; the training forward's memory
     falls from ~50 KB to ~2 KB a token per layer). transformers drops a KV cache under
