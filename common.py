@@ -75,7 +75,7 @@ def get_response_log_probs(model, input_ids, labels, return_token_entropy=False,
     response position: the loss looks nowhere else)."""
     T = input_ids.shape[1]
     S = min(score_from, T - 1)
-    if shared_prefix <= 0:
+    if shared_prefix <= 0 or _sharded(model):  # FSDP: one forward a microbatch, the same count on every process
         logits = model(input_ids, logits_to_keep=T - S).logits
         return _scored(_log_probs_from_logits(_tempered(logits, temperature), labels[:, S:], return_token_entropy), S)
     from transformers import DynamicCache
@@ -509,15 +509,16 @@ def generate(model, tokenizer, prompts, sampling, batch_size=64, generator=None)
     entropy (mean next-token entropy over the response).
     This is the whole rollout interface: another engine (vLLM) only has to return the same."""
     results = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk]
-        with _autocast(model):
-            sampled = _generate_batch(model, tokenizer, prompt_ids, sampling, generator)
-        for p_ids, (ids, lps, truncated, entropy) in zip(prompt_ids, sampled):
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            results.append({"prompt_ids": p_ids, "response_ids": ids, "response": text, "log_probs": lps,
-                            "truncated": truncated, "entropy": entropy})
+    with _gathered(model):  # under --fsdp: whole weights, once per call on every process
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk]
+            with _autocast(model):
+                sampled = _generate_batch(model, tokenizer, prompt_ids, sampling, generator)
+            for p_ids, (ids, lps, truncated, entropy) in zip(prompt_ids, sampled):
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                results.append({"prompt_ids": p_ids, "response_ids": ids, "response": text, "log_probs": lps,
+                                "truncated": truncated, "entropy": entropy})
     return results
 
 
@@ -651,16 +652,17 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
 
 
-def save_pretrained(model, tokenizer, path):
+def save_pretrained(model, tokenizer, path, weights=None):
     """A plain HF directory (safetensors + config + tokenizer) that transformers and
-    mlx_lm.load both read; LoRA adapters are merged into a copy first."""
+    mlx_lm.load both read; LoRA adapters are merged into a copy first. weights: the state
+    dict to write instead of the model's own (an FSDP model's, gathered by _full_weights)."""
     import copy
     import json
     import os
 
     if hasattr(model, "merge_and_unload"):  # peft
         model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(path, safe_serialization=True)
+    model.save_pretrained(path, safe_serialization=True, state_dict=weights)
     tokenizer.save_pretrained(path)
     config_path = os.path.join(path, "config.json")
     config = json.load(open(config_path))
@@ -676,18 +678,25 @@ def save_checkpoint(out_dir, step, model, tokenizer, optimizer, scheduler, curso
     data cursor, step, and for LoRA the adapter weights). Written to a temp dir, fsynced and
     renamed (harness.commit_checkpoint), so a crash mid-save never leaves a half checkpoint
     behind; keeps the last `keep` checkpoints (0: all). Under torchrun process 0 writes it (the
-    processes hold the same weights, optimizer and RNG state) and the others return None."""
+    processes hold the same weights, optimizer and RNG state; under --fsdp every process first
+    hands it their shards) and the others return None. The optimizer state is keyed by
+    parameter name, so a run resumes with or without --fsdp, in any number of processes."""
     import tempfile
 
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    weights = _full_weights(model)
+    optimizer_state = get_optimizer_state_dict(model, optimizer,
+                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not harness.is_main():
         return None
     root = os.path.join(out_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step_{step:06d}")
     tmp = tempfile.mkdtemp(dir=root, prefix=".tmp-")
-    save_pretrained(model, tokenizer, tmp)
+    save_pretrained(model, tokenizer, tmp, weights)
     trainable = {k: v for k, v in model.state_dict().items() if "lora_" in k} if hasattr(model, "peft_config") else None
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "cursor": cursor, "step": step,
+    state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "cursor": cursor, "step": step,
              "rng": rng_state(), "adapter": trainable}
     torch.save(state, os.path.join(tmp, "train_state.pt"))
     return harness.commit_checkpoint(tmp, final, keep)
@@ -717,6 +726,8 @@ def load_policy(args, start_model=None):
     model.config.use_cache = False
     if getattr(args, "checkpoint_activations", False):
         _checkpoint_layers(model)
+    if getattr(args, "fsdp", False) and dist.is_initialized():
+        _shard(model)
     return model, tokenizer, ckpt
 
 
@@ -734,10 +745,13 @@ def _checkpoint_layers(model):  # torch only, like _read_only and _no_checkpoint
 
 def resume(ckpt, model, optimizer, scheduler):
     """Restore optimizer, scheduler, RNG (and LoRA adapters) from a checkpoint -> (step, cursor)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
     if not ckpt:
         return 0, 0
     state = load_train_state(ckpt, model)
-    optimizer.load_state_dict(state["optimizer"])
+    # keyed by parameter name; under --fsdp each process keeps its shard of it
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])
     return state["step"], state["cursor"]
 
@@ -757,14 +771,16 @@ def optimizer_step(model, optimizer, scheduler, max_grad_norm):
     """Clip, step, schedule, zero. Returns the pre-clip gradient norm. A NaN or inf norm (a
     NaN loss or gradient) skips the update: the weights and optimizer state stay as they were
     (harness.count_bad_steps stops a run that keeps doing it). Under torchrun it first sums the
-    processes' gradients (each holds its microbatches' share), so all of them take the same step."""
-    if dist.is_initialized():
+    processes' gradients (each holds its microbatches' share), so all of them take the same step;
+    under --fsdp the backward pass has summed them already, each process holding its shard."""
+    if dist.is_initialized() and not _sharded(model):
         for p in model.parameters():
             if p.requires_grad:
                 if p.grad is None:  # a process with no microbatch in this step (a short last batch)
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm).item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # FSDP: a DTensor
     if math.isfinite(grad_norm):
         optimizer.step()
         scheduler.step()
@@ -807,8 +823,9 @@ def finish(args, model, tokenizer, summary, title):
     """Save <out_dir>/final (HF format), with --plot draw its metrics, and, when the run
     evaluated, print and save its summary. Under torchrun process 0 does it and the others wait
     for it (grpo.py's warm start loads that final model next)."""
+    weights = _full_weights(model)  # under --fsdp every process hands process 0 its shards
     if harness.is_main():
-        save_pretrained(model, tokenizer, os.path.join(args.out_dir, "final"))
+        save_pretrained(model, tokenizer, os.path.join(args.out_dir, "final"), weights)
         if args.plot:
             harness.plot_run(args.out_dir)
     if dist.is_initialized():
@@ -882,3 +899,70 @@ def rank_generator(device):
         return None
     seed = torch.randint(2**62, (1,)).item()
     return torch.Generator(device).manual_seed(seed + dist.get_rank())
+
+
+# ----------------------------------------------------------------------------- --fsdp (torch only)
+# Without it every process holds the whole model, its gradients and AdamW's moments. With it
+# (FSDP2's fully_shard) each holds 1/N of them: a decoder layer's weights are gathered from the
+# processes just before the layer runs and dropped after it, and the backward pass sums the
+# gradients and leaves each process its shard. A forward pass is then a collective: every
+# process must run the same layers the same number of times. So under --fsdp a training
+# forward takes no shared-prefix shortcut (whose use differs between microbatches), and
+# sampling, where each process decodes its own number of steps, runs on whole weights
+# (_gathered). The reference model of --beta is not sharded.
+
+
+def _shard(model):
+    """Shard each decoder layer (the classes transformers lists in _no_split_modules) and the
+    rest of the model (embeddings, final norm, LM head) across the processes."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    layers = set(model._no_split_modules or [])
+    for module in model.modules():
+        if type(module).__name__ in layers:
+            fully_shard(module, reshard_after_forward=True)
+    fully_shard(model, reshard_after_forward=True)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)  # summed, not averaged: the losses keep the global normalizers
+            module.set_force_sum_reduction_for_comms(True)  # a plain sum (gloo has no pre-multiplied one)
+
+
+def _sharded(model):
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def _gathered(model):
+    """Every layer's whole weights, gathered once for the block and kept (a no-op without
+    FSDP): the processes decode different numbers of steps, which sharded layers cannot."""
+    if not _sharded(model):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    model.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        model.set_reshard_after_forward(True)
+        for unit in units:
+            unit.reshard()
+
+
+def _full_weights(model):
+    """An FSDP model's whole state dict, gathered from every process (all of them must call
+    this) onto process 0 (the others get {}); None for a model that holds its weights whole."""
+    if not _sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # a tied weight (SmolLM2's LM head is its embedding) once, under the name save_pretrained keeps
+    names = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    return {k: v for k, v in weights.items() if k in names}

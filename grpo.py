@@ -64,6 +64,7 @@ weight_decay = 0.0
 max_grad_norm = 1.0
 max_bad_steps = 3  # stop after this many optimizer steps in a row skipped for a NaN / inf gradient
 lora_rank = 0  # 0: full fine-tuning
+fsdp = False  # under torchrun: each process holds 1/N of the weights, gradients, AdamW state (FSDP2; torch)
 checkpoint_activations = False  # layers run again in the backward: peak memory -0.7 GB, steps ~10% slower (torch)
 n_train = 20000  # training questions drawn from the task
 # sampling (rollouts; evaluation is greedy)
@@ -111,7 +112,8 @@ def warm_start(args):
                                  "--n-eval", str(args.n_eval), "--max-new-tokens", str(args.max_new_tokens),
                                  "--eval-every", "0", "--save-every", "0", "--cache-dir", args.cache_dir,
                                  # under torchrun, at least one microbatch per process
-                                 "--grad-accum", str(max(sft.grad_accum, harness.world_size()))]))
+                                 "--grad-accum", str(max(sft.grad_accum, harness.world_size()))]
+                                + ["--fsdp"] * args.fsdp))
     return os.path.join(path, "final")
 
 

@@ -92,6 +92,8 @@ def check_inputs(parser, args, train_kind="qa"):
 
     if hasattr(args, "grad_accum"):
         require_multiple(parser, [("--grad-accum", args.grad_accum, "the number of processes", world_size())])
+    if getattr(args, "fsdp", False) and args.lora_rank:
+        parser.error("--fsdp shards full fine-tuning; with --lora-rank the frozen model is whole on every process: drop one")
     for flag in ("n_eval", "n_train"):  # counts of at least one (0 would fail deep inside a run)
         if getattr(args, flag, 1) < 1:
             parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")

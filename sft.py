@@ -46,6 +46,7 @@ weight_decay = 0.0
 max_grad_norm = 1.0
 max_bad_steps = 3  # stop after this many optimizer steps in a row skipped for a NaN / inf gradient
 lora_rank = 0  # 0: full fine-tuning
+fsdp = False  # under torchrun: each process holds 1/N of the weights, gradients, AdamW state (FSDP2; torch)
 n_train = 5000  # training examples drawn from the task
 # evaluation (greedy), checkpoints, hardware
 max_new_tokens = 256

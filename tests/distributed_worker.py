@@ -1,7 +1,7 @@
 """What tests/test_distributed.py runs under torchrun: a list of jobs (script, flags, fixed),
 each script.main(parse_args(flags)) in turn in these processes, with fixed the sampler
 replaced by fixed_rollouts so that one process and several sample the same answers; then a
-check of common.rank_generator."""
+check of common.rank_generator and of how much of an --fsdp model each process holds."""
 
 import functools
 import hashlib
@@ -69,7 +69,23 @@ def check_rank_generator(out_dir):
         json.dump({"rank_generator": sample, "global": torch.rand(3).tolist()}, f)
 
 
+def check_sharding(script, flags, out_dir):
+    """<out_dir>/fsdp_rank<R>.json: how many weights this process holds of the whole, for the
+    model that script's --fsdp run trains."""
+    import torch
+
+    import common
+
+    model = common.load_policy(importlib.import_module(script).parse_args(flags))[0]
+    held = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+    with open(os.path.join(out_dir, f"fsdp_rank{os.environ['RANK']}.json"), "w") as f:
+        json.dump({"held": held, "whole": sum(p.numel() for p in model.parameters()),
+                   "dtensors": sum(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters())}, f)
+
+
 if __name__ == "__main__":
-    for script, flags, fixed in json.loads(sys.argv[1]):
+    jobs = json.loads(sys.argv[1])
+    for script, flags, fixed in jobs:
         run(script, flags, fixed)
     check_rank_generator(sys.argv[2])
+    check_sharding(*next((script, flags) for script, flags, _ in jobs if "--fsdp" in flags), sys.argv[2])

@@ -42,7 +42,12 @@ JOBS = {  # name: script, flags (each run in one process and in two)
     "dpo": ("dpo", ["--n-steps", "2", "--batch-size", "4", "--grad-accum", "2", "--group-size", "2", "--lr", "1e-3",
                     "--reward", SEVENS.replace(":sevens", ":coin")]),
 }
-RESUMED = ("sft", "grpo")  # from the one-process run's step-1 checkpoint, in two processes
+# --fsdp: the same steps with each process holding half of the weights, gradients and AdamW state
+# (in one process --fsdp shards nothing: the plain run); checkpoints written whole
+FSDP = {f"{name}_fsdp": (script, extra + ["--fsdp"]) for name, (script, extra) in JOBS.items() if name in ("sft", "grpo")}
+FSDP["grpo_fsdp"][1].append("--checkpoint-activations")
+JOBS.update(FSDP)
+RESUMED = ("sft", "grpo", "grpo_fsdp")  # from the one-process run's step-1 checkpoint, in two processes
 
 
 def data_flags(name, root):
@@ -72,7 +77,8 @@ def runs(char_model_dir, tmp_path_factory):
         checkpoint = "checkpoints/step_000001"
         shutil.copytree(root / "one" / name / checkpoint, root / "resumed" / name / checkpoint)
         jobs.append((JOBS[name][0], flags(name, char_model_dir, root / "resumed" / name, root) + ["--resume"], True))
-    jobs.append(("grpo", flags("grpo", char_model_dir, root / "sampled" / "grpo", root), False))  # the real sampler
+    for name in ("grpo", "grpo_fsdp"):  # the real sampler (under --fsdp on whole weights, _gathered)
+        jobs.append(("grpo", flags(name, char_model_dir, root / "sampled" / name, root), False))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                os.path.join(REPO, "tests", "distributed_worker.py"), json.dumps(jobs), str(root)]
     done = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
@@ -126,8 +132,37 @@ def test_two_processes_resume_a_one_process_checkpoint(runs, name):
 
 
 @pytest.mark.slow
-def test_two_processes_sample_independently_from_one_global_rng(runs):
-    run_dir = runs / "sampled" / "grpo"
+def test_under_fsdp_each_process_holds_half_the_weights(runs):
+    held = [json.load(open(runs / f"fsdp_rank{r}.json")) for r in (0, 1)]
+    whole = held[0]["whole"]
+    assert held[0]["dtensors"] == held[1]["dtensors"] > 10
+    assert held[0]["held"] + held[1]["held"] == whole and max(h["held"] for h in held) <= 0.55 * whole
+
+
+def test_fsdp_refuses_lora(capsys):
+    with pytest.raises(SystemExit):
+        sft.parse_args(["--task", "chain_sum", "--fsdp", "--lora-rank", "8"])
+    assert "--fsdp shards full fine-tuning" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(FSDP))
+def test_fsdp_checkpoints_hold_the_whole_optimizer_state(runs, name):
+    """What FSDP's processes gathered into the checkpoint is the one-process optimizer state."""
+    def state(run):
+        return torch.load(runs / run / name / "checkpoints" / "step_000001" / "train_state.pt", weights_only=False)
+
+    one, two = state("one")["optimizer"], state("two")["optimizer"]
+    assert one["state"].keys() == two["state"].keys() and len(one["state"]) > 10
+    for param, moments in one["state"].items():
+        for k, v in moments.items():
+            torch.testing.assert_close(two["state"][param][k], v, rtol=1e-5, atol=1e-7, msg=f"{param} {k}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["grpo", "grpo_fsdp"])
+def test_two_processes_sample_independently_from_one_global_rng(runs, name):
+    run_dir = runs / "sampled" / name
     assert [r["step"] for r in rows(run_dir / "metrics.jsonl") if "reward" in r] == [1, 2]
     draws = [json.load(open(runs / f"rng_rank{r}.json")) for r in (0, 1)]
     assert draws[0]["rank_generator"] != draws[1]["rank_generator"]

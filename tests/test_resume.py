@@ -90,8 +90,8 @@ import common, sft
 argv, tmp = json.loads(sys.argv[1])
 real, calls = common.save_pretrained, []
 
-def save_slowly(model, tokenizer, path):  # the 2nd save (step 2) writes its files, then hangs before the rename
-    real(model, tokenizer, path)
+def save_slowly(model, tokenizer, path, weights=None):  # the 2nd save (step 2) writes its files, then hangs before the rename
+    real(model, tokenizer, path, weights)
     calls.append(path)
     if len(calls) == 2:
         open(os.path.join(tmp, "marker"), "w").close()
