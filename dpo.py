@@ -63,6 +63,7 @@ save_every = 0  # steps between checkpoints (0: only the final model)
 keep_checkpoints = 2  # checkpoints kept on disk, the latest (0: all)
 resume = False  # continue the run in --out-dir from its latest checkpoint
 wandb = False  # also log to Weights & Biases
+tensorboard = False  # also log to TensorBoard, <out-dir>/tensorboard (uv sync --extra tensorboard)
 plot = False  # at the end, PNGs of metrics.jsonl in <out-dir>/plots (plot.py)
 seed = 0
 device = "auto"  # auto: cuda > mps > cpu
@@ -126,7 +127,7 @@ def main(args):
     train_examples = None if file_pairs else tasks.load_examples(args, "train", args.n_train)
     eval_examples = tasks.load_examples(args, "eval", args.n_eval)
     start_step, cursor = common.resume(ckpt, model, optimizer, scheduler)
-    log = harness.MetricsLog(args.out_dir, args.wandb, vars(args), resume_step=start_step)
+    log = harness.MetricsLog(args.out_dir, args.wandb, vars(args), start_step, args.tensorboard)
     micro, summary, bad_steps = args.batch_size // args.grad_accum, None, 0
 
     model.train()

@@ -62,6 +62,7 @@ save_every = 0  # steps between checkpoints (0: only the final model)
 keep_checkpoints = 2  # checkpoints kept on disk, the latest (0: all)
 resume = False  # continue the run in --out-dir from its latest checkpoint
 wandb = False  # also log to Weights & Biases
+tensorboard = False  # also log to TensorBoard, <out-dir>/tensorboard (uv sync --extra tensorboard)
 plot = False  # at the end, PNGs of metrics.jsonl in <out-dir>/plots (plot.py)
 seed = 0
 device = "auto"  # auto: cuda > mps > cpu
@@ -88,7 +89,7 @@ def main(args):
     eval_examples = tasks.load_examples(args, "eval", args.n_eval)
     reward_fn = rewards.get_reward_fn(args.reward)
     start_step, cursor = common.resume(ckpt, model, optimizer, scheduler)
-    log = harness.MetricsLog(args.out_dir, args.wandb, vars(args), resume_step=start_step)
+    log = harness.MetricsLog(args.out_dir, args.wandb, vars(args), start_step, args.tensorboard)
     micro, summary, bad_steps = args.batch_size // args.grad_accum, None, 0
 
     for ei_step in range(start_step, args.n_ei_steps):

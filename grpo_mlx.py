@@ -79,6 +79,7 @@ save_every = 20  # steps between checkpoints (0: only the final model)
 keep_checkpoints = 2  # checkpoints kept on disk, the latest (0: all)
 resume = False  # continue the run in --out-dir from its latest checkpoint
 wandb = False  # also log to Weights & Biases
+tensorboard = False  # also log to TensorBoard, <out-dir>/tensorboard (uv sync --extra tensorboard)
 plot = False  # at the end, PNGs of metrics.jsonl in <out-dir>/plots (plot.py)
 seed = 0
 device = "auto"  # auto: cuda > mps > cpu
@@ -173,7 +174,7 @@ def main(args):
     reward_fn = functools.lru_cache(maxsize=4096)(grader)
     sampling = harness.Sampling.from_args(args)
     start_step, cursor = common.resume(ckpt, model, optimizer, scheduler)
-    log = harness.MetricsLog(args.out_dir, args.wandb, vars(args), resume_step=start_step)
+    log = harness.MetricsLog(args.out_dir, args.wandb, vars(args), start_step, args.tensorboard)
 
     off_policy = optimizer_steps_per_rollout * args.epochs_per_rollout > 1
     needs_ratio = args.loss_type in common.RATIO_LOSSES

@@ -16,6 +16,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import tasks
@@ -358,11 +359,12 @@ def print_summary(summary, title):
 
 
 class MetricsLog:
-    """One dict per call appended to <out_dir>/metrics.jsonl (and wandb with --wandb).
+    """One dict per call appended to <out_dir>/metrics.jsonl (and wandb with --wandb; with
+    --tensorboard, its numbers as TensorBoard scalars in <out_dir>/tensorboard).
     resume_step=N > 0 (a run resumed from its step-N checkpoint): the rows a killed run logged
     after step N are dropped first (from eval_samples.jsonl too), so no step is logged twice."""
 
-    def __init__(self, out_dir, use_wandb=False, config=None, resume_step=0):
+    def __init__(self, out_dir, use_wandb=False, config=None, resume_step=0, use_tensorboard=False):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.main = is_main()  # under torchrun process 0 alone writes
         if resume_step and self.main:
@@ -374,6 +376,7 @@ class MetricsLog:
 
             self.wandb = wandb
             wandb.init(project="nanoalign", config=config)
+        self.tensorboard = TensorBoard(Path(out_dir) / "tensorboard") if use_tensorboard and self.main else None
 
     def __call__(self, row):
         if not self.main:
@@ -381,6 +384,28 @@ class MetricsLog:
         write_jsonl(self.path, [row], "a")
         if self.wandb:
             self.wandb.log(row, step=row["step"])
+        if self.tensorboard:
+            self.tensorboard.log(row)
+
+
+class TensorBoard:
+    """Each row's numbers as scalars (tag: the metrics.jsonl key) at its step, in an event file
+    of log_dir, written with the tensorboard package's own event writer and protos: no torch
+    (torch.utils.tensorboard wraps the same writer), so the MLX scripts log the same way."""
+
+    def __init__(self, log_dir):
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        self.writer = EventFileWriter(str(log_dir))
+
+    def log(self, row):
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        values = [Summary.Value(tag=k, simple_value=float(v)) for k, v in row.items()
+                  if k != "step" and isinstance(v, (int, float))]
+        self.writer.add_event(Event(wall_time=time.time(), step=row["step"], summary=Summary(value=values)))
+        self.writer.flush()  # a killed run keeps what it logged
 
 
 def _drop_rows_after(path, step):

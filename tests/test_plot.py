@@ -1,7 +1,11 @@
-"""Tests of plot.py: PNGs per panel group from synthetic metrics.jsonl files, skipped panels, bad input."""
+"""Tests of plot.py: PNGs per panel group from synthetic metrics.jsonl files, skipped panels, bad input;
+and of --tensorboard's event files."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -75,3 +79,28 @@ def test_bad_input_is_one_line_naming_file_and_line(tmp_path):
     bad.write_text('{"step": 1}\n[1, 2]\n')
     with pytest.raises(ValueError, match=re.escape(f"{bad}:2: expected a JSON object")):
         plot.read_metrics(str(bad))
+
+
+# ----------------------------------------------------------------------------- --tensorboard
+
+
+def test_tensorboard_scalars_are_the_logged_numbers_at_their_steps(tmp_path):
+    """In a fresh process, as an MLX script logs: no torch gets imported."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rows = [{"step": 1, "reward": 0.25, "loss": -0.5, "tag": "text is skipped"},
+            {"step": 2, "reward": 0.75, "zero_std_frac": 1}, {"step": 2, "eval_accuracy": 0.6}]
+    code = ("import json, sys; import harness\n"
+            "log = harness.MetricsLog(sys.argv[1], use_tensorboard=True)\n"
+            "for row in json.loads(sys.argv[2]): log(row)\n"
+            "assert 'torch' not in sys.modules, 'the MLX scripts log without torch'\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path), json.dumps(rows)], capture_output=True,
+                          text=True, cwd=os.path.dirname(os.path.abspath(plot.__file__)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["eval_accuracy", "loss", "reward", "zero_std_frac"]
+    assert [(e.step, e.value) for e in events.Scalars("reward")] == [(1, 0.25), (2, 0.75)]
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, -0.5)]
+    assert [(e.step, e.value) for e in events.Scalars("eval_accuracy")] == [(2, pytest.approx(0.6))]
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 3  # metrics.jsonl as always
