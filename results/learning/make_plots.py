@@ -2,11 +2,13 @@
 
     uv run python results/learning/make_plots.py
 
-accuracy_vs_wall.png: held-out accuracy of the default run (4-step SFT warm start, then GRPO
-with dynamic sampling), of the previous default (25-step warm start, plain GRPO) and of the
-SFT-only control against training minutes, the sum of their logged step times (model loading
-and evaluations excluded: the runs' full walls are in README.md).
-default_run/plots/: plot.py's panels for the GRPO part (reward, entropy, zero-variance, ...).
+accuracy_vs_wall.png: held-out accuracy of the default recipe (4-step SFT warm start, then GRPO
+with dynamic sampling: torch seeds 0, 1, 2 and grpo_mlx.py's seed 0), of the previous default
+(25-step warm start, plain GRPO) and of the SFT-only control against training minutes, the sum
+of their logged step times (model loading and evaluations excluded: the runs' full walls are in
+README.md; the MLX run shared the machine with other runs).
+default_run/plots/: plot.py's panels for the GRPO part of those four default-recipe runs
+(reward, entropy, zero-variance, ...).
 experiments/warmstart_plots/: held-out accuracy, entropy and zero-variance share over GRPO
 steps from warm starts of 4, 10 and 25 SFT steps.
 """
@@ -39,26 +41,30 @@ def main():
     def sft_then_grpo(run):
         return [os.path.join(HERE, run, "warmstart", "metrics.jsonl"), os.path.join(HERE, run, "metrics.jsonl")]
 
-    runs = {"default run: SFT warm start (4 steps), then GRPO + dynamic sampling (40 steps)": sft_then_grpo("default_run"),
-            "previous default: SFT warm start (25 steps), then GRPO (40 steps)": sft_then_grpo("default_run_warmstart25"),
-            "SFT only (240 steps)": [os.path.join(HERE, "sft_only", "metrics.jsonl")]}
-    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    recipe = {"torch, seed 0": "default_run", "torch, seed 1": "default_run_seed1", "torch, seed 2": "default_run_seed2",
+              "MLX, seed 0 (shared machine)": "mlx_default_run"}
+    runs = {f"default recipe, {name}": sft_then_grpo(d) for name, d in recipe.items()}
+    runs["previous default (25 SFT steps, then GRPO)"] = sft_then_grpo("default_run_warmstart25")
+    runs["SFT only (240 steps)"] = [os.path.join(HERE, "sft_only", "metrics.jsonl")]
+    fig = Figure(figsize=(8, 6), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for i, (label, paths) in enumerate(runs.items()):
         xs, ys = zip(*accuracy_by_minute(paths))
-        ax.plot(xs, ys, marker="o", color=f"C{i}", label=label)
-        for x, y in zip(xs, ys):
-            ax.annotate(f"{y:.1%}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+        ax.plot(xs, ys, marker="o", color=f"C{i}", label=label, linestyle="--" if "MLX" in label else "-")
+        ax.annotate(f"{ys[-1]:.1%}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(14, -3), fontsize=8,
+                    color=f"C{i}")
     ax.set_xlabel("training minutes (sum of step times; loading and evaluation excluded)")
     ax.set_ylabel("held-out accuracy (greedy, strict r1_zero, n = 500)")
     ax.set_ylim(0.45, 0.85)
+    ax.set_xlim(right=max(x for paths in runs.values() for x, _ in accuracy_by_minute(paths)) * 1.1)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle("chain_sum, SmolLM2-135M, 2-core CPU: GRPO vs SFT for the same time", fontsize=10)
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="outside lower center", ncols=2)
+    fig.suptitle("chain_sum, SmolLM2-135M, 2-core CPU: GRPO vs SFT for the same time\n"
+                 "default recipe: 4 SFT steps, then 40 GRPO steps with dynamic sampling", fontsize=10)
     fig.savefig(os.path.join(HERE, "accuracy_vs_wall.png"), dpi=100)
-    for path in plot.plot_runs([os.path.join(HERE, "default_run", "metrics.jsonl")],
-                               os.path.join(HERE, "default_run", "plots"), labels=["default run (GRPO part)"]):
+    for path in plot.plot_runs([os.path.join(HERE, d, "metrics.jsonl") for d in recipe.values()],
+                               os.path.join(HERE, "default_run", "plots"), labels=list(recipe)):
         if os.path.basename(path) in ("kl.png", "clip_frac.png"):  # on-policy with beta 0: both 0 by construction
             os.remove(path)
     experiments = {"warm start 25 (previous default)": "default_run_warmstart25", "warm start 10": "experiments/grpo_warmstart10",
