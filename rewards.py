@@ -41,6 +41,10 @@ def _zero():
 
 
 MAX_ANSWER_CHARS = 300  # longer answers are never parsed symbolically (sympy bombs)
+# two numbers joined by an operator: "9 - 7" is the question copied, not an answer to it
+# (math-verify would evaluate it to 2; a GRPO run learned to write it, results/learning);
+# "/" is left out, since a fraction (1/2) is a way to write a number
+_ARITHMETIC = re.compile(r"\d\s*[-+*×^]\s*[\d(]")
 
 
 def _as_number(text):
@@ -51,13 +55,16 @@ def _as_number(text):
 
 
 def answers_match(answer, ground_truth, timeout_s=1):
-    """Exact match, numeric match, then math-verify equivalence (time-bounded). Never raises."""
+    """Exact match, numeric match, then math-verify equivalence (time-bounded); an arithmetic
+    expression never matches a numeric ground truth. Never raises."""
     answer, ground_truth = answer.strip(), str(ground_truth).strip()
     if answer == ground_truth:
         return True
     a, g = _as_number(answer), _as_number(ground_truth)
     if a is not None and g is not None:
         return math.isclose(a, g, rel_tol=1e-9, abs_tol=1e-9)
+    if g is not None and _ARITHMETIC.search(answer):  # a number was asked for: an expression is not one
+        return False
     if not answer or len(answer) > MAX_ANSWER_CHARS:
         return False
     try:

@@ -337,3 +337,17 @@ def test_lr_factor_warmup_then_cosine_to_ten_percent():
     assert harness.lr_factor(9, 4, 14) == pytest.approx(0.55)  # half way: 0.1 + 0.9 * 0.5
     assert harness.lr_factor(14, 4, 14) == pytest.approx(0.1)
     assert harness.lr_factor(100, 4, 14) == pytest.approx(0.1)
+
+
+def test_r1_zero_refuses_the_question_copied_as_the_answer():
+    """A GRPO run learned to write the question's expression between the answer tags, which
+    math-verify evaluates (results/learning/experiments/reward_hack_seed3): a number was asked for."""
+    import rewards
+
+    for copied in ("9 - 7", "94 + 30", "6*7", "2^3", "3 + (4)"):
+        truth = {"9 - 7": "2", "94 + 30": "124", "6*7": "42", "2^3": "8", "3 + (4)": "7"}[copied]
+        assert rewards.r1_zero_reward_fn(f"x</think> <answer>{copied}</answer>", truth)["reward"] == 0.0, copied
+        assert not rewards.answers_match(copied, truth)
+    for right, truth in (("2", "2"), ("-5", "-5"), ("1,000", "1000"), ("\\frac{1}{2}", "0.5"), ("1/2", "0.5"),
+                         ("124.0", "124")):
+        assert rewards.r1_zero_reward_fn(f"x</think> <answer>{right}</answer>", truth)["reward"] == 1.0, right
