@@ -63,9 +63,9 @@ def answers_match(answer, ground_truth, timeout_s=1):
     a, g = _as_number(answer), _as_number(ground_truth)
     if a is not None and g is not None:
         return math.isclose(a, g, rel_tol=1e-9, abs_tol=1e-9)
-    if g is not None and _ARITHMETIC.search(answer):  # a number was asked for: an expression is not one
-        return False
     if not answer or len(answer) > MAX_ANSWER_CHARS:
+        return False
+    if g is not None and _ARITHMETIC.search(answer):  # a number was asked for: an expression is not one
         return False
     try:
         with warnings.catch_warnings():
