@@ -41,10 +41,16 @@ def _zero():
 
 
 MAX_ANSWER_CHARS = 300  # longer answers are never parsed symbolically (sympy bombs)
-# two numbers joined by an operator: "9 - 7" is the question copied, not an answer to it
-# (math-verify would evaluate it to 2; a GRPO run learned to write it, results/learning);
-# "/" is left out, since a fraction (1/2) is a way to write a number
-_ARITHMETIC = re.compile(r"\d\s*[-+*×^]\s*[\d(]")
+# where a number is asked for, an answer may hold one number (or one fraction, a way to write a
+# number): "9 - 7", "(9)-(7)", "9 \\times 7" are the question copied, not an answer to it, and
+# math-verify would evaluate them (a GRPO run learned to write them, results/learning)
+_FRACTION = re.compile(r"[-+]?\(?\s*(\d+\s*/\s*\d+|\\[dt]?frac\s*\{\s*\d+\s*\}\s*\{\s*\d+\s*\})\s*\)?")
+
+
+def _is_one_number(text):
+    """At most one number in text, or text is one fraction (inside $...$ or \\boxed{...})."""
+    text = re.sub(r"^\\boxed\{(.*)\}$", r"\1", text.strip().strip("$").strip()).strip()
+    return len(_NUMBER.findall(text)) <= 1 or bool(_FRACTION.fullmatch(text))
 
 
 def _as_number(text):
@@ -55,8 +61,8 @@ def _as_number(text):
 
 
 def answers_match(answer, ground_truth, timeout_s=1):
-    """Exact match, numeric match, then math-verify equivalence (time-bounded); an arithmetic
-    expression never matches a numeric ground truth. Never raises."""
+    """Exact match, numeric match, then math-verify equivalence (time-bounded); where the ground
+    truth is a number, an answer holding several numbers (an expression) never matches. Never raises."""
     answer, ground_truth = answer.strip(), str(ground_truth).strip()
     if answer == ground_truth:
         return True
@@ -65,7 +71,7 @@ def answers_match(answer, ground_truth, timeout_s=1):
         return math.isclose(a, g, rel_tol=1e-9, abs_tol=1e-9)
     if not answer or len(answer) > MAX_ANSWER_CHARS:
         return False
-    if g is not None and _ARITHMETIC.search(answer):  # a number was asked for: an expression is not one
+    if g is not None and not _is_one_number(answer):  # a number was asked for: an expression is not one
         return False
     try:
         with warnings.catch_warnings():

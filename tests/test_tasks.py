@@ -344,10 +344,18 @@ def test_r1_zero_refuses_the_question_copied_as_the_answer():
     math-verify evaluates (results/learning/experiments/reward_hack_seed3): a number was asked for."""
     import rewards
 
-    for copied in ("9 - 7", "94 + 30", "6*7", "2^3", "3 + (4)"):
-        truth = {"9 - 7": "2", "94 + 30": "124", "6*7": "42", "2^3": "8", "3 + (4)": "7"}[copied]
+    from math_verify import parse, verify
+
+    # each copied form is worth its truth to math-verify (asserted below), so only the rule
+    # refuses it; the forms from "(9)-(7)" on got past the first, regex-only, fix
+    copied_forms = {"9 - 7": "2", "94 + 30": "124", "6*7": "42", "2^3": "8", "3 + (4)": "7",
+                    "(9)-(7)": "2", "9 \u2212 7": "2", "9 \\times 7": "63", "9 \\cdot 7": "63", "{9}-{7}": "2",
+                    "9 \\div 3": "3", "$9-7$": "2", "\\boxed{9 - 7}": "2"}
+    for copied, truth in copied_forms.items():
+        assert verify(parse(f"${truth}$"), parse(f"${copied}$")), copied
         assert rewards.r1_zero_reward_fn(f"x</think> <answer>{copied}</answer>", truth)["reward"] == 0.0, copied
         assert not rewards.answers_match(copied, truth)
     for right, truth in (("2", "2"), ("-5", "-5"), ("1,000", "1000"), ("\\frac{1}{2}", "0.5"), ("1/2", "0.5"),
-                         ("124.0", "124")):
+                         ("124.0", "124"), ("(-5)", "-5"), ("$2$", "2"), ("\\boxed{2}", "2"), ("x = 2", "2"),
+                         ("-\\frac{1}{2}", "-0.5"), ("$\\dfrac{3}{4}$", "0.75")):
         assert rewards.r1_zero_reward_fn(f"x</think> <answer>{right}</answer>", truth)["reward"] == 1.0, right
