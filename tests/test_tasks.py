@@ -341,7 +341,7 @@ def test_lr_factor_warmup_then_cosine_to_ten_percent():
 
 def test_r1_zero_refuses_the_question_copied_as_the_answer():
     """A GRPO run learned to write the question's expression between the answer tags, which
-    math-verify evaluates (results/learning/experiments/reward_hack_seed3): a number was asked for."""
+    math-verify evaluates (results/learning/before_grader_fix/default_run_seed3_hack): a number was asked for."""
     import rewards
 
     from math_verify import parse, verify

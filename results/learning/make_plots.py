@@ -2,15 +2,16 @@
 
     uv run python results/learning/make_plots.py
 
-accuracy_vs_wall.png: held-out accuracy of the default recipe (4-step SFT warm start, then GRPO
-with dynamic sampling: torch seeds 0, 1, 2 and grpo_mlx.py's seed 0), of the previous default
-(25-step warm start, plain GRPO) and of the SFT-only control against training minutes, the sum
-of their logged step times (model loading and evaluations excluded: the runs' full walls are in
-README.md; the MLX run shared the machine with other runs).
-default_run/plots/: plot.py's panels for the GRPO part of those four default-recipe runs
+accuracy_vs_wall.png: held-out accuracy of the default recipe with the fixed grader (4-step SFT
+warm start, then GRPO with dynamic sampling: torch seeds 0-3 and grpo_mlx.py's seed 0), of the
+previous default (25-step warm start, plain GRPO; before the grader fix) and of the SFT-only
+control against training minutes, the sum of their logged step times (model loading and
+evaluations excluded: the runs' full walls are in README.md; only seed 0 and the SFT-only
+control ran alone, the others two at a time with one thread each).
+default_run/plots/: plot.py's panels for the GRPO part of those five default-recipe runs
 (reward, entropy, zero-variance, ...).
 experiments/warmstart_plots/: held-out accuracy, entropy and zero-variance share over GRPO
-steps from warm starts of 4, 10 and 25 SFT steps.
+steps from warm starts of 4, 10 and 25 SFT steps (all before the grader fix).
 """
 
 import json
@@ -41,17 +42,19 @@ def main():
     def sft_then_grpo(run):
         return [os.path.join(HERE, run, "warmstart", "metrics.jsonl"), os.path.join(HERE, run, "metrics.jsonl")]
 
-    recipe = {"torch, seed 0": "default_run", "torch, seed 1": "default_run_seed1", "torch, seed 2": "default_run_seed2",
-              "MLX, seed 0 (shared machine)": "mlx_default_run"}
+    recipe = {"torch, seed 0 (alone)": "default_run", "torch, seed 1 (1 thread)": "default_run_seed1",
+              "torch, seed 2 (1 thread)": "default_run_seed2", "torch, seed 3 (1 thread)": "default_run_seed3",
+              "MLX, seed 0 (1 thread)": "mlx_default_run"}
     runs = {f"default recipe, {name}": sft_then_grpo(d) for name, d in recipe.items()}
-    runs["previous default (25 SFT steps, then GRPO)"] = sft_then_grpo("default_run_warmstart25")
+    runs["previous default (25 SFT steps, then GRPO; before the grader fix)"] = sft_then_grpo("default_run_warmstart25")
     runs["SFT only (240 steps)"] = [os.path.join(HERE, "sft_only", "metrics.jsonl")]
     fig = Figure(figsize=(8, 6), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for i, (label, paths) in enumerate(runs.items()):
         xs, ys = zip(*accuracy_by_minute(paths))
-        ax.plot(xs, ys, marker="o", color=f"C{i}", label=label, linestyle="--" if "MLX" in label else "-")
+        dashed = "MLX" in label or "previous" in label
+        ax.plot(xs, ys, marker="o", color=f"C{i}", label=label, linestyle="--" if dashed else "-")
         ax.annotate(f"{ys[-1]:.1%}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(14, -3), fontsize=8,
                     color=f"C{i}")
     ax.set_xlabel("training minutes (sum of step times; loading and evaluation excluded)")
@@ -61,7 +64,7 @@ def main():
     ax.grid(alpha=0.3)
     fig.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="outside lower center", ncols=2)
     fig.suptitle("chain_sum, SmolLM2-135M, 2-core CPU: GRPO vs SFT for the same time\n"
-                 "default recipe: 4 SFT steps, then 40 GRPO steps with dynamic sampling", fontsize=10)
+                 "default recipe (grader fixed): 4 SFT steps, then 40 GRPO steps with dynamic sampling", fontsize=10)
     fig.savefig(os.path.join(HERE, "accuracy_vs_wall.png"), dpi=100)
     for path in plot.plot_runs([os.path.join(HERE, d, "metrics.jsonl") for d in recipe.values()],
                                os.path.join(HERE, "default_run", "plots"), labels=list(recipe)):
@@ -70,7 +73,7 @@ def main():
     experiments = {"warm start 25 (previous default)": "default_run_warmstart25", "warm start 10": "experiments/grpo_warmstart10",
                    "warm start 4": "experiments/grpo_warmstart4", "warm start 4, 80 steps": "experiments/grpo_warmstart4_80steps",
                    "warm start 4 + dynamic sampling": "experiments/grpo_warmstart4_dynamic_sampling",
-                   "the same, the default run (fresh clone)": "default_run"}
+                   "the same, the default run (fresh clone)": "before_grader_fix/default_run"}
     out = os.path.join(HERE, "experiments", "warmstart_plots")
     for path in plot.plot_runs([os.path.join(HERE, d, "metrics.jsonl") for d in experiments.values()], out,
                                labels=list(experiments)):
