@@ -42,7 +42,7 @@ def _zero():
 
 MAX_ANSWER_CHARS = 300  # longer answers are never parsed symbolically (sympy bombs)
 # where a number is asked for, an answer may hold one number (or one fraction, a way to write a
-# number): "9 - 7", "(9)-(7)", "9 \\times 7" are the question copied, not an answer to it, and
+# number): "9 - 7", "(9)-(7)", "9 \times 7" are the question copied, not an answer to it, and
 # math-verify would evaluate them (a GRPO run learned to write them, results/learning)
 _FRACTION = re.compile(r"[-+]?\(?\s*(\d+\s*/\s*\d+|\\[dt]?frac\s*\{\s*\d+\s*\}\s*\{\s*\d+\s*\})\s*\)?")
 

@@ -51,8 +51,9 @@ def main():
     fig = Figure(figsize=(8, 6), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for i, (label, paths) in enumerate(runs.items()):
-        xs, ys = zip(*accuracy_by_minute(paths))
+    points = {label: accuracy_by_minute(paths) for label, paths in runs.items()}
+    for i, (label, run_points) in enumerate(points.items()):
+        xs, ys = zip(*run_points)
         dashed = "MLX" in label or "previous" in label
         ax.plot(xs, ys, marker="o", color=f"C{i}", label=label, linestyle="--" if dashed else "-")
         ax.annotate(f"{ys[-1]:.1%}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(14, -3), fontsize=8,
@@ -60,7 +61,7 @@ def main():
     ax.set_xlabel("training minutes (sum of step times; loading and evaluation excluded)")
     ax.set_ylabel("held-out accuracy (greedy, strict r1_zero, n = 500)")
     ax.set_ylim(0.45, 0.85)
-    ax.set_xlim(right=max(x for paths in runs.values() for x, _ in accuracy_by_minute(paths)) * 1.1)
+    ax.set_xlim(right=max(x for run_points in points.values() for x, _ in run_points) * 1.1)
     ax.grid(alpha=0.3)
     fig.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="outside lower center", ncols=2)
     fig.suptitle("chain_sum, SmolLM2-135M, 2-core CPU: GRPO vs SFT for the same time\n"
