@@ -179,9 +179,11 @@ def response_end(response_mask):
 
 
 def length_sorted(rows, lengths):
-    """rows (ints) ordered by lengths[row], ties kept in their given order. Microbatches cut
-    from this order hold rollouts of like length: one long rollout pads one microbatch, not all."""
-    return sorted(rows, key=lambda row: lengths[row])
+    """rows (ints) ordered by lengths[row], longest first, ties kept in their given order.
+    Microbatches cut from this order hold rollouts of like length: one long rollout pads one
+    microbatch, not all. Longest first: each later microbatch fits in the memory the larger one
+    before it freed (shortest first grew the heap with every microbatch: +0.9 GB peak RSS)."""
+    return sorted(rows, key=lambda row: -lengths[row])
 
 
 def release_memory():

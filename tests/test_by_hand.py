@@ -152,5 +152,5 @@ def test_microbatch_cut_and_length_order():
     mask = [[False, True, True, False, False, False], [False, False, True, True, False, False]]
     assert harness.response_end(mask) == 4
     assert harness.response_end([[False] * 6]) == 6
-    # lengths 5, 2, 9, 2 -> rows by length, the two 2s in their given order (3 before 1 here)
-    assert harness.length_sorted([0, 3, 1, 2], [5, 2, 9, 2]) == [3, 1, 0, 2]
+    # lengths 5, 2, 9, 2 -> rows longest first (9, 5, 2, 2), the two 2s in their given order (3 before 1 here)
+    assert harness.length_sorted([0, 3, 1, 2], [5, 2, 9, 2]) == [2, 0, 3, 1]
