@@ -12,6 +12,8 @@ default_run/plots/: plot.py's panels for the GRPO part of those five default-rec
 (reward, entropy, zero-variance, ...).
 experiments/warmstart_plots/: held-out accuracy, entropy and zero-variance share over GRPO
 steps from warm starts of 4, 10 and 25 SFT steps (all before the grader fix).
+experiments/recipe_80steps_plots/: the same panels for the default recipe at 40 and at 80 GRPO
+steps (seed 0, both with the fixed grader).
 """
 
 import json
@@ -78,6 +80,11 @@ def main():
     out = os.path.join(HERE, "experiments", "warmstart_plots")
     for path in plot.plot_runs([os.path.join(HERE, d, "metrics.jsonl") for d in experiments.values()], out,
                                labels=list(experiments)):
+        if os.path.basename(path) not in ("accuracy.png", "entropy.png", "zero_std.png", "reward.png"):
+            os.remove(path)
+    steps = {"the recipe, 40 steps (default_run)": "default_run", "the recipe, 80 steps": "experiments/grpo_recipe_80steps"}
+    out = os.path.join(HERE, "experiments", "recipe_80steps_plots")
+    for path in plot.plot_runs([os.path.join(HERE, d, "metrics.jsonl") for d in steps.values()], out, labels=list(steps)):
         if os.path.basename(path) not in ("accuracy.png", "entropy.png", "zero_std.png", "reward.png"):
             os.remove(path)
 
