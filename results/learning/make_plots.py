@@ -77,16 +77,12 @@ def main():
                    "warm start 4": "experiments/grpo_warmstart4", "warm start 4, 80 steps": "experiments/grpo_warmstart4_80steps",
                    "warm start 4 + dynamic sampling": "experiments/grpo_warmstart4_dynamic_sampling",
                    "the same, the default run (fresh clone)": "before_grader_fix/default_run"}
-    out = os.path.join(HERE, "experiments", "warmstart_plots")
-    for path in plot.plot_runs([os.path.join(HERE, d, "metrics.jsonl") for d in experiments.values()], out,
-                               labels=list(experiments)):
-        if os.path.basename(path) not in ("accuracy.png", "entropy.png", "zero_std.png", "reward.png"):
-            os.remove(path)
     steps = {"the recipe, 40 steps (default_run)": "default_run", "the recipe, 80 steps": "experiments/grpo_recipe_80steps"}
-    out = os.path.join(HERE, "experiments", "recipe_80steps_plots")
-    for path in plot.plot_runs([os.path.join(HERE, d, "metrics.jsonl") for d in steps.values()], out, labels=list(steps)):
-        if os.path.basename(path) not in ("accuracy.png", "entropy.png", "zero_std.png", "reward.png"):
-            os.remove(path)
+    for group, folder in ((experiments, "warmstart_plots"), (steps, "recipe_80steps_plots")):
+        for path in plot.plot_runs([os.path.join(HERE, d, "metrics.jsonl") for d in group.values()],
+                                   os.path.join(HERE, "experiments", folder), labels=list(group)):
+            if os.path.basename(path) not in ("accuracy.png", "entropy.png", "zero_std.png", "reward.png"):
+                os.remove(path)
 
 
 if __name__ == "__main__":
