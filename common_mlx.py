@@ -13,7 +13,9 @@ MLX's default integer type (torch uses int64). Models are mlx-lm models read fro
 written as) plain HF directories, so torch and MLX checkpoints are interchangeable.
 
 Private helpers without a twin, on purpose: common.py's _autocast and _cpu_bf16_speedup
-(MLX has no autocast, so its dtype is the weights' own and 'auto' is fp32), and this file's
+(MLX has no autocast, so its dtype is the weights' own and 'auto' is fp32),
+_cpu_eager_attention_speedup (it picks between transformers' two attention implementations;
+mlx-lm models have one, mx.fast.scaled_dot_product_attention), and this file's
 _logits / _last_logits (the LM head on the last positions only: transformers models take
 logits_to_keep, mlx-lm models do not) and _gather_rows (mx.distributed gathers equal shapes
 only; torch.distributed gathers Python objects).

@@ -229,10 +229,12 @@ def test_activation_checkpointing_keeps_the_shared_prefix_values_and_gradients(c
         assert torch.allclose(g, g_plain, atol=tol, rtol=tol), "checkpointed gradients differ"
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # eager: load_model's choice for bf16 on a CPU
 @pytest.mark.parametrize("shared_prefix,score_from", [(0, 3), (4, 2), (4, 6), (0, 0)])
-def test_get_response_log_probs_score_from(shared_prefix, score_from):
+def test_get_response_log_probs_score_from(shared_prefix, score_from, attention):
     # positions >= score_from: the full forward pass's values and gradients; before it: 0
     model = tiny_llama(vocab_size=64, seed=0)
+    model.set_attn_implementation(attention)
     input_ids, labels = _random_ids((3, 9), 64, 1), _random_ids((3, 9), 64, 2)
     input_ids[:, :4] = input_ids[0, :4]
     expected_lp, expected_H = _naive_log_probs_and_entropy(model, input_ids, labels)
@@ -819,6 +821,15 @@ def test_generate_greedy_batch_with_shared_prefix_matches_reference():
     _check_greedy_matches(model, tok, prompts, 10, {2})
 
 
+def test_generate_with_eager_attention_matches_reference():
+    # load_model picks transformers' eager attention for bf16 on a CPU: the cached, shared-
+    # prefix, left-padded decode loop must give what the uncached model gives, there too
+    model, tok = tiny_llama(vocab_size=64, seed=5), CharTokenizer()
+    model.set_attn_implementation("eager")
+    prefix = "user: solve this. question: "
+    _check_greedy_matches(model, tok, [prefix + q for q in ("1+1?", "what is 12+30?", "x")] + GEN_PROMPTS[1:], 10, {2})
+
+
 def _tiny_gpt2(seed=0):
     """A random 2-layer GPT-2: learned absolute position embeddings, so a wrong position id
     changes the output (RoPE in tiny_llama is blind to a constant per-row offset). A large
@@ -934,6 +945,20 @@ def test_a_fully_masked_row_adds_nothing_and_no_nan(loss_type):
     single = {k: v[:1] for k, v in kwargs.items() if torch.is_tensor(v)}
     loss_alone, _ = common.grpo_microbatch_train_step(alone, mask[:1], 1, loss_type, cliprange=0.2, **single)
     assert loss.item() == pytest.approx(loss_alone.item() / 2)  # mean over 2 rows, one of them empty
+
+
+@pytest.mark.parametrize("dtype,speedup,expected", [(torch.bfloat16, 2.0, "eager"), (torch.bfloat16, 1.0, "sdpa"),
+                                                     (torch.float32, 2.0, "sdpa")])
+def test_load_model_picks_attention_by_measurement(tiny_model_dir, monkeypatch, dtype, speedup, expected):
+    # eager attention only where the check measured PyTorch's SDPA kernel slower, and only in bf16
+    monkeypatch.setattr(common, "_cpu_eager_attention_speedup", lambda: speedup)
+    model, _ = common.load_model(tiny_model_dir, torch.device("cpu"), dtype)
+    assert model.config._attn_implementation == expected
+
+
+def test_cpu_eager_attention_speedup_is_a_measured_ratio():
+    speedup = common._cpu_eager_attention_speedup.__wrapped__()
+    assert 0 < speedup < 1000 and speedup != 1.0  # two timings divided, not a constant
 
 
 def test_mixed_precision_keeps_fp32_weights_and_log_probs(tiny_model_dir):
