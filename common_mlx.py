@@ -15,7 +15,8 @@ written as) plain HF directories, so torch and MLX checkpoints are interchangeab
 Private helpers without a twin, on purpose: common.py's _autocast and _cpu_bf16_speedup
 (MLX has no autocast, so its dtype is the weights' own and 'auto' is fp32),
 _cpu_eager_attention_speedup (it picks between transformers' two attention implementations;
-mlx-lm models have one, mx.fast.scaled_dot_product_attention), and this file's
+mlx-lm models have one, mx.fast.scaled_dot_product_attention) and _best_seconds, the
+timer of those two checks, and this file's
 _logits / _last_logits (the LM head on the last positions only: transformers models take
 logits_to_keep, mlx-lm models do not) and _gather_rows (mx.distributed gathers equal shapes
 only; torch.distributed gathers Python objects).
