@@ -408,24 +408,56 @@ def _cpu_bf16_speedup():
 
 
 @functools.cache
-def _cpu_eager_attention_speedup():
-    """How many times faster a decode step's attention runs written out (q·kᵀ, softmax,
-    ·v: transformers' "eager") than in PyTorch's fused SDPA kernel, in bf16 on this CPU:
-    64 rows x 9 heads, one query against 160 cached positions, the two interleaved, the
-    best of 5 each, on one thread. On the 2-core AMD EPYC the kernel took 7.4 ms against
-    1.4-2.2 ms, and bf16 rollouts ran 1.7x faster with eager attention (results/speed)."""
-    q, k, v = (torch.randn(64, 9, n, 64, dtype=torch.bfloat16) for n in (1, 160, 160))
+def _cpu_attention_speedup():
+    """How many times faster a decode step's attention runs written out (_grouped_attention:
+    q·kᵀ, softmax, ·v) than in PyTorch's fused SDPA kernel as transformers calls it (each
+    key/value head copied for the 3 query heads that read it), in bf16 on this CPU: 64 rows,
+    9 query and 3 key/value heads, one query against 160 cached positions, the two
+    interleaved, the best of 5 each, on one thread. On the 2-core AMD EPYC the kernel took
+    7.4 ms against 1.4-2.2 ms, and 8 x 64 bf16 rollouts made 200 tokens/s written out against
+    transformers' 128 with SDPA (results/speed)."""
+    q, k, v = (torch.randn(64, h, n, 64, dtype=torch.bfloat16) for h, n in ((9, 1), (3, 160), (3, 160)))
     mask = torch.zeros(64, 1, 1, 160, dtype=torch.bfloat16)
     mask[:, :, :, 100:110] = -float("inf")  # a pad run, as in a batch of rollouts
 
-    def eager():
-        return torch.softmax(q @ k.transpose(-1, -2) / 8 + mask, -1, dtype=torch.float32).to(v.dtype) @ v
+    def written_out():
+        return _grouped_attention(None, q, k, v, mask, 1 / 8)
 
     def fused():
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=mask)
 
-    eager_s, fused_s = _best_seconds([eager, fused], rounds=5)
-    return fused_s / eager_s
+    written_out_s, fused_s = _best_seconds([written_out, fused], rounds=5)
+    return fused_s / written_out_s
+
+
+@functools.cache
+def _register_grouped_attention():
+    """Register _grouped_attention with transformers (once) and return its name there, for
+    from_pretrained(attn_implementation=...) or model.set_attn_implementation(...)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register("nanoalign", _grouped_attention)
+    AttentionMaskInterface.register("nanoalign", eager_mask)  # the additive 0 / -inf mask eager takes
+    return "nanoalign"
+
+
+def _grouped_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """transformers' eager attention (q·kᵀ·scaling + mask, softmax in fp32, ·v) without its
+    copies. With grouped-query attention (SmolLM2: 9 query heads, 3 key/value heads) eager
+    first copies each key/value head once per query head that reads it: in a decode step that
+    is the whole KV cache, copied again in every layer at every step (a third of a bf16
+    rollout's time here). Instead the query heads of a group share one matmul as extra rows.
+    Same arithmetic; load_model registers it with transformers as "nanoalign"."""
+    B, H, Q, D = query.shape
+    groups = key.shape[1]
+    scores = query.reshape(B, groups, H // groups * Q, D) @ key.transpose(2, 3) * scaling  # (B, groups, rows, T)
+    if attention_mask is not None:  # (B, 1, Q, T), 0 or -inf, the same for every head
+        scores = (scores.view(B, groups, H // groups, Q, -1) + attention_mask[:, :, None]).view(scores.shape)
+    probs = torch.softmax(scores, -1, dtype=torch.float32).to(query.dtype)
+    if module is not None and module.training and dropout > 0:
+        probs = F.dropout(probs, p=dropout)
+    return (probs @ value).view(B, H, Q, D).transpose(1, 2).contiguous(), None
 
 
 def _best_seconds(fns, rounds):
@@ -478,11 +510,12 @@ def load_model(model_name, device, dtype, cache=None):
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    # attention: transformers' eager where a quick check finds PyTorch's SDPA kernel slower
-    # (bf16 on a CPU); elsewhere its default, SDPA (in fp32 on this CPU both ran rollouts alike)
-    eager = device.type == "cpu" and dtype == torch.bfloat16 and _cpu_eager_attention_speedup() >= 1.2
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                 attn_implementation="eager" if eager else None).to(device)
+    # attention: written out (_grouped_attention) where a quick check finds PyTorch's SDPA
+    # kernel slower (bf16 on a CPU); elsewhere transformers' default, SDPA (in fp32 on this
+    # CPU the two ran rollouts within 1.15x of each other)
+    written_out = device.type == "cpu" and dtype == torch.bfloat16 and _cpu_attention_speedup() >= 1.2
+    attention = _register_grouped_attention() if written_out else None
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention).to(device)
     model.compute_dtype = dtype
     if dtype != torch.float32:
         body = model.get_decoder()
@@ -528,7 +561,12 @@ def sample_next_token(logits, generated, sampling, generator=None):
     if min_p > 0.0:
         floor = log_probs.max(-1, keepdim=True).values + np.log(min_p)
         filtered[log_probs < floor] = -float("inf")
-    token = torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(1)
+    # inverse CDF: the first token whose cumulative probability reaches u ~ U(0, total], so one
+    # random number per row (torch.multinomial draws one per vocabulary entry: 12% of a bf16
+    # rollout's time at 49k entries); a token of probability 0 adds nothing and is never picked
+    cdf = filtered.softmax(-1).cumsum(-1)
+    u = 1 - torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device)  # (0, 1]
+    token = (cdf < u * cdf[:, -1:]).sum(-1)
     return token, log_probs.gather(1, token[:, None]).squeeze(1)
 
 

@@ -14,9 +14,10 @@ written as) plain HF directories, so torch and MLX checkpoints are interchangeab
 
 Private helpers without a twin, on purpose: common.py's _autocast and _cpu_bf16_speedup
 (MLX has no autocast, so its dtype is the weights' own and 'auto' is fp32),
-_cpu_eager_attention_speedup (it picks between transformers' two attention implementations;
-mlx-lm models have one, mx.fast.scaled_dot_product_attention) and _best_seconds, the
-timer of those two checks, and this file's
+_cpu_attention_speedup, _grouped_attention and _register_grouped_attention (attention
+written out for transformers models, where the check finds it faster than PyTorch's SDPA
+kernel; mlx-lm models have one attention, mx.fast.scaled_dot_product_attention) and
+_best_seconds, the timer of those two checks, and this file's
 _logits / _last_logits (the LM head on the last positions only: transformers models take
 logits_to_keep, mlx-lm models do not) and _gather_rows (mx.distributed gathers equal shapes
 only; torch.distributed gathers Python objects).
@@ -446,7 +447,11 @@ def sample_next_token(logits, generated, sampling, generator=None):
     if min_p > 0.0:
         floor = log_probs.max(-1, keepdims=True) + np.log(min_p)
         filtered = mx.where(log_probs < floor, -mx.inf, filtered)
-    token = mx.random.categorical(filtered, key=generator)
+    # inverse CDF: the first token whose cumulative probability reaches u ~ U(0, total], so one
+    # random number per row; a token of probability 0 adds nothing and is never picked
+    cdf = mx.cumsum(mx.softmax(filtered, -1), -1)
+    u = 1 - mx.random.uniform(shape=(cdf.shape[0], 1), key=generator)  # (0, 1]
+    token = (cdf < u * cdf[:, -1:]).sum(-1)
     return token, mx.take_along_axis(log_probs, token[:, None], 1)[:, 0]
 
 

@@ -7,6 +7,7 @@ torch.log_softmax), never from the formula under test.
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -229,12 +230,18 @@ def test_activation_checkpointing_keeps_the_shared_prefix_values_and_gradients(c
         assert torch.allclose(g, g_plain, atol=tol, rtol=tol), "checkpointed gradients differ"
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # eager: load_model's choice for bf16 on a CPU
+def _attention(name):
+    """An attn_implementation name; "nanoalign" (common._grouped_attention) is load_model's
+    choice for bf16 on a CPU and is registered with transformers first."""
+    return common._register_grouped_attention() if name == "nanoalign" else name
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "nanoalign"])
 @pytest.mark.parametrize("shared_prefix,score_from", [(0, 3), (4, 2), (4, 6), (0, 0)])
 def test_get_response_log_probs_score_from(shared_prefix, score_from, attention):
     # positions >= score_from: the full forward pass's values and gradients; before it: 0
     model = tiny_llama(vocab_size=64, seed=0)
-    model.set_attn_implementation(attention)
+    model.set_attn_implementation(_attention(attention))
     input_ids, labels = _random_ids((3, 9), 64, 1), _random_ids((3, 9), 64, 2)
     input_ids[:, :4] = input_ids[0, :4]
     expected_lp, expected_H = _naive_log_probs_and_entropy(model, input_ids, labels)
@@ -821,11 +828,11 @@ def test_generate_greedy_batch_with_shared_prefix_matches_reference():
     _check_greedy_matches(model, tok, prompts, 10, {2})
 
 
-def test_generate_with_eager_attention_matches_reference():
-    # load_model picks transformers' eager attention for bf16 on a CPU: the cached, shared-
-    # prefix, left-padded decode loop must give what the uncached model gives, there too
+def test_generate_with_grouped_attention_matches_reference():
+    # load_model picks common._grouped_attention for bf16 on a CPU: the cached, shared-prefix,
+    # left-padded decode loop must give what the uncached model gives, there too
     model, tok = tiny_llama(vocab_size=64, seed=5), CharTokenizer()
-    model.set_attn_implementation("eager")
+    model.set_attn_implementation(_attention("nanoalign"))
     prefix = "user: solve this. question: "
     _check_greedy_matches(model, tok, [prefix + q for q in ("1+1?", "what is 12+30?", "x")] + GEN_PROMPTS[1:], 10, {2})
 
@@ -947,17 +954,40 @@ def test_a_fully_masked_row_adds_nothing_and_no_nan(loss_type):
     assert loss.item() == pytest.approx(loss_alone.item() / 2)  # mean over 2 rows, one of them empty
 
 
-@pytest.mark.parametrize("dtype,speedup,expected", [(torch.bfloat16, 2.0, "eager"), (torch.bfloat16, 1.0, "sdpa"),
+@pytest.mark.parametrize("dtype,speedup,expected", [(torch.bfloat16, 2.0, "nanoalign"), (torch.bfloat16, 1.0, "sdpa"),
                                                      (torch.float32, 2.0, "sdpa")])
 def test_load_model_picks_attention_by_measurement(tiny_model_dir, monkeypatch, dtype, speedup, expected):
-    # eager attention only where the check measured PyTorch's SDPA kernel slower, and only in bf16
-    monkeypatch.setattr(common, "_cpu_eager_attention_speedup", lambda: speedup)
+    # attention written out only where the check measured PyTorch's SDPA kernel slower, only in bf16
+    monkeypatch.setattr(common, "_cpu_attention_speedup", lambda: speedup)
     model, _ = common.load_model(tiny_model_dir, torch.device("cpu"), dtype)
     assert model.config._attn_implementation == expected
 
 
-def test_cpu_eager_attention_speedup_is_a_measured_ratio():
-    speedup = common._cpu_eager_attention_speedup.__wrapped__()
+@pytest.mark.parametrize("q_len,mask", [(1, True), (5, True), (5, False)])
+def test_grouped_attention_matches_transformers_eager(q_len, mask):
+    # the reference: transformers' own eager attention, which copies each key/value head for
+    # the query heads that read it (3 here); outputs and gradients must agree
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, n, 8, generator=g, dtype=torch.float64, requires_grad=True)
+               for h, n in ((6, q_len), (2, 7), (2, 7)))
+    additive = torch.zeros(2, 1, q_len, 7, dtype=torch.float64)
+    additive[0, :, :, :2] = -float("inf")  # row 0: two pad positions
+    additive[:, :, :, 7 - q_len + 1 :] += torch.triu(torch.full((q_len, q_len - 1), -float("inf")), 0)
+    module = SimpleNamespace(num_key_value_groups=3, training=False)
+    results = []
+    for attend in (common._grouped_attention, eager_attention_forward):
+        out, _ = attend(module, q, k, v, additive if mask else None, scaling=0.3)
+        grads = torch.autograd.grad((out * torch.arange(out.numel()).view(out.shape).sin()).sum(), (q, k, v))
+        results.append((out, *grads))
+    assert results[0][0].shape == (2, q_len, 6, 8)
+    for ours, reference in zip(*results):
+        assert torch.allclose(ours, reference, atol=1e-12)
+
+
+def test_cpu_attention_speedup_is_a_measured_ratio():
+    speedup = common._cpu_attention_speedup.__wrapped__()
     assert 0 < speedup < 1000 and speedup != 1.0  # two timings divided, not a constant
 
 
