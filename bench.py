@@ -254,8 +254,9 @@ def ours_grpo_step(n_steps, n_prompts, group_size, max_new_tokens, dtype, cache=
     argv = ["--n-steps", str(n_steps), "--rollout-batch-size", str(n_prompts * group_size), "--group-size",
             str(group_size), "--grad-accum", "1", "--max-new-tokens", str(max_new_tokens), "--min-new-tokens",
             str(max_new_tokens), "--warmstart-steps", "0", "--eval-every", "0", "--save-every", "0", "--n-eval", "1",
-            "--task", "basic_arithmetic", "--dtype", dtype, "--out-dir", out] + (["--cache-dir", cache] if cache else [])
-    grpo.main(grpo.parse_args(argv))
+            "--task", "basic_arithmetic", "--dtype", dtype, "--out-dir", out,
+            "--no-dynamic-sampling"]  # one generation batch a step, as TRL's (dynamic sampling would resample)
+    grpo.main(grpo.parse_args(argv + (["--cache-dir", cache] if cache else [])))
     print(json.dumps({"step_s": _step_times_from_metrics(os.path.join(out, "metrics.jsonl")),
                       "peak_rss_gb": harness.peak_rss_gb()}))
 
