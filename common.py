@@ -413,8 +413,8 @@ def _cpu_attention_speedup():
     q·kᵀ, softmax, ·v) than in PyTorch's fused SDPA kernel as transformers calls it (each
     key/value head copied for the 3 query heads that read it), in bf16 on this CPU: 64 rows,
     9 query and 3 key/value heads, one query against 160 cached positions, the two
-    interleaved, the best of 5 each, on one thread. On the 2-core AMD EPYC the kernel took
-    7.4 ms against 1.4-2.2 ms, and 8 x 64 bf16 rollouts made 200 tokens/s written out against
+    interleaved, the best of 5 each, on one thread. On the 2-core AMD EPYC: 5-12x (16.8 ms
+    against 1.3 ms in one run), and 8 x 64 bf16 rollouts made 200 tokens/s written out against
     transformers' 128 with SDPA (results/speed)."""
     q, k, v = (torch.randn(64, h, n, 64, dtype=torch.bfloat16) for h, n in ((9, 1), (3, 160), (3, 160)))
     mask = torch.zeros(64, 1, 1, 160, dtype=torch.bfloat16)
