@@ -424,7 +424,9 @@ def _cpu_attention_speedup():
         return _grouped_attention(None, q, k, v, mask, 1 / 8)
 
     def fused():
-        return F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=mask)
+        heads_per_group = q.shape[1] // k.shape[1]
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(heads_per_group, 1),
+                                              v.repeat_interleave(heads_per_group, 1), attn_mask=mask)
 
     written_out_s, fused_s = _best_seconds([written_out, fused], rounds=5)
     return fused_s / written_out_s
@@ -455,8 +457,8 @@ def _grouped_attention(module, query, key, value, attention_mask, scaling, dropo
     if attention_mask is not None:  # (B, 1, Q, T), 0 or -inf, the same for every head
         scores = (scores.view(B, groups, H // groups, Q, -1) + attention_mask[:, :, None]).view(scores.shape)
     probs = torch.softmax(scores, -1, dtype=torch.float32).to(query.dtype)
-    if module is not None and module.training and dropout > 0:
-        probs = F.dropout(probs, p=dropout)
+    if dropout > 0:  # transformers passes the model's attention dropout while training, else 0
+        probs = F.dropout(probs, p=dropout, training=module.training)
     return (probs @ value).view(B, H, Q, D).transpose(1, 2).contiguous(), None
 
 
@@ -563,8 +565,10 @@ def sample_next_token(logits, generated, sampling, generator=None):
         filtered[log_probs < floor] = -float("inf")
     # inverse CDF: the first token whose cumulative probability reaches u ~ U(0, total], so one
     # random number per row (torch.multinomial draws one per vocabulary entry: 12% of a bf16
-    # rollout's time at 49k entries); a token of probability 0 adds nothing and is never picked
-    cdf = filtered.softmax(-1).cumsum(-1)
+    # rollout's time at 49k entries); a token of probability 0 adds nothing and is never picked.
+    # filtered holds log-probs with the dropped tokens at -inf: exp gives their kept mass, and
+    # scaling u by the total stands in for renormalizing
+    cdf = filtered.exp().cumsum(-1)
     u = 1 - torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device)  # (0, 1]
     token = (cdf < u * cdf[:, -1:]).sum(-1)
     return token, log_probs.gather(1, token[:, None]).squeeze(1)

@@ -448,8 +448,10 @@ def sample_next_token(logits, generated, sampling, generator=None):
         floor = log_probs.max(-1, keepdims=True) + np.log(min_p)
         filtered = mx.where(log_probs < floor, -mx.inf, filtered)
     # inverse CDF: the first token whose cumulative probability reaches u ~ U(0, total], so one
-    # random number per row; a token of probability 0 adds nothing and is never picked
-    cdf = mx.cumsum(mx.softmax(filtered, -1), -1)
+    # random number per row; a token of probability 0 adds nothing and is never picked.
+    # filtered holds log-probs with the dropped tokens at -inf: exp gives their kept mass, and
+    # scaling u by the total stands in for renormalizing
+    cdf = mx.cumsum(mx.exp(filtered), -1)
     u = 1 - mx.random.uniform(shape=(cdf.shape[0], 1), key=generator)  # (0, 1]
     token = (cdf < u * cdf[:, -1:]).sum(-1)
     return token, mx.take_along_axis(log_probs, token[:, None], 1)[:, 0]
