@@ -9,6 +9,7 @@ framework, its threads) never leaks into another.
     python bench.py --only rollouts          # our samplers vs transformers' generate and mlx_lm.batch_generate
     python bench.py --only grpo sft          # a GRPO / SFT step vs TRL's trainers, fp32 and bf16
     python bench.py --only logprobs          # training forward + backward: LM head everywhere vs from the response on
+    python bench.py --only gpu               # CUDA: a GRPO step vs TRL and the sampler, random weights (results/speed)
 """
 
 import argparse
@@ -32,7 +33,10 @@ warmup = 3
 repeats = 20  # timings are the median of this many runs
 n_prompts = 8  # rollouts: r1_zero chain_sum prompts, each sampled to exactly max_new_tokens
 max_new_tokens = 64
-train_steps = 4  # grpo / sft: steps per run (the first is dropped as warm-up)
+train_steps = 4  # grpo / sft / gpu: steps per run (the first is dropped as warm-up)
+gpu_model = ""  # gpu: config + tokenizer directory (default: the embedded model's)
+gpu_device = "cuda"  # gpu: cpu for a smoke test
+gpu_prompts, gpu_group, gpu_tokens = 8, 8, 256  # gpu: one GRPO step's questions x completions x new tokens
 
 
 def parse_args(argv=None):
@@ -49,6 +53,13 @@ def parse_args(argv=None):
     g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     g = p.add_argument_group("grpo / sft (vs TRL)")
     g.add_argument("--train-steps", type=int, default=train_steps)
+    g = p.add_argument_group("gpu (random weights of the model's shape: the lent GPU machine reaches no hub)")
+    g.add_argument("--gpu-model", default=gpu_model, help="a directory with config.json and the tokenizer "
+                   "(default: the embedded model's; its weights are not read)")
+    g.add_argument("--gpu-device", default=gpu_device)
+    g.add_argument("--gpu-prompts", type=int, default=gpu_prompts)
+    g.add_argument("--gpu-group", type=int, default=gpu_group)
+    g.add_argument("--gpu-tokens", type=int, default=gpu_tokens)
     return p.parse_args(argv)
 
 
@@ -244,8 +255,11 @@ def _step_times_from_metrics(path):
     return [r["step_s"] for r in rows if "step_s" in r][1:]
 
 
-def ours_grpo_step(n_steps, n_prompts, group_size, max_new_tokens, dtype, cache=None):
-    """Child process: grpo.py seconds per step, exactly max_new_tokens per completion, beta 0."""
+def ours_grpo_step(n_steps, n_prompts, group_size, max_new_tokens, dtype, cache=None, model=None, device="auto",
+                   data=None):
+    """Child process: grpo.py seconds per step, exactly max_new_tokens per completion, beta 0.
+    model: a model directory (default: the embedded model); data: a question/answer JSONL
+    used for training and evaluation (default: basic_arithmetic from reasoning-gym)."""
     import tempfile
 
     import grpo
@@ -254,16 +268,25 @@ def ours_grpo_step(n_steps, n_prompts, group_size, max_new_tokens, dtype, cache=
     argv = ["--n-steps", str(n_steps), "--rollout-batch-size", str(n_prompts * group_size), "--group-size",
             str(group_size), "--grad-accum", "1", "--max-new-tokens", str(max_new_tokens), "--min-new-tokens",
             str(max_new_tokens), "--warmstart-steps", "0", "--eval-every", "0", "--save-every", "0", "--n-eval", "1",
-            "--task", "basic_arithmetic", "--dtype", dtype, "--out-dir", out,
+            "--dtype", dtype, "--device", device, "--out-dir", out,
             "--no-dynamic-sampling"]  # one generation batch a step, as TRL's (dynamic sampling would resample)
+    argv += ["--train-data", data, "--eval-data", data] if data else ["--task", "basic_arithmetic"]
+    argv += ["--model", model] if model else []
     grpo.main(grpo.parse_args(argv + (["--cache-dir", cache] if cache else [])))
     print(json.dumps({"step_s": _step_times_from_metrics(os.path.join(out, "metrics.jsonl")),
-                      "peak_rss_gb": harness.peak_rss_gb()}))
+                      "peak_rss_gb": harness.peak_rss_gb(), "peak_gpu_gb": _peak_gpu_gb()}))
 
 
-def trl_grpo_step(n_steps, n_prompts, group_size, max_new_tokens, dtype, cache=None):
-    """Child process: TRL GRPOTrainer seconds per step on the same model, task, prompt, reward
-    and sizes (one generation batch and one optimizer step per step, beta 0)."""
+def _peak_gpu_gb():
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+
+
+def trl_grpo_step(n_steps, n_prompts, group_size, max_new_tokens, dtype, cache=None, model=None, device="auto",
+                  data=None):
+    """Child process: TRL GRPOTrainer seconds per step on the same model, questions, prompt,
+    reward and sizes (one generation batch and one optimizer step per step, beta 0)."""
     import tempfile
 
     import torch
@@ -273,10 +296,10 @@ def trl_grpo_step(n_steps, n_prompts, group_size, max_new_tokens, dtype, cache=N
 
     import rewards
 
-    path = machine.resolve_model(machine.DEFAULT_MODEL, cache)
-    examples = tasks.task_split("basic_arithmetic", "train", 64)
-    data = Dataset.from_list([{"prompt": tasks.r1_zero_prompt(ex["question"]), "answer": ex["answer"]}
-                              for ex in examples])
+    path = model or machine.resolve_model(machine.DEFAULT_MODEL, cache)
+    examples = tasks.read_jsonl(data) if data else tasks.task_split("basic_arithmetic", "train", 64)
+    dataset = Dataset.from_list([{"prompt": tasks.r1_zero_prompt(ex["question"]), "answer": ex["answer"]}
+                                 for ex in examples])
 
     def reward(completions, answer, **kwargs):
         return [rewards.r1_zero_reward_fn(c, a)["reward"] for c, a in zip(completions, answer)]
@@ -290,16 +313,23 @@ def trl_grpo_step(n_steps, n_prompts, group_size, max_new_tokens, dtype, cache=N
     config = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-trl-"), per_device_train_batch_size=n_prompts * group_size,
         num_generations=group_size, max_completion_length=max_new_tokens, max_steps=n_steps, learning_rate=1e-5,
-        gradient_accumulation_steps=1, beta=0.0, bf16=dtype == "bfloat16", use_cpu=True, report_to=[],
+        gradient_accumulation_steps=1, beta=0.0, bf16=dtype == "bfloat16", use_cpu=not _on_cuda(device), report_to=[],
         logging_steps=1000, save_strategy="no", generation_kwargs={"min_new_tokens": max_new_tokens}, seed=0)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=data,
+    trainer = GRPOTrainer(model=policy, reward_funcs=reward, args=config, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[Clock()])
     start = time.perf_counter()
     trainer.train()
     ends = [start] + Clock.ends
-    print(json.dumps({"step_s": [b - a for a, b in zip(ends, ends[1:])][1:], "peak_rss_gb": harness.peak_rss_gb()}))
+    print(json.dumps({"step_s": [b - a for a, b in zip(ends, ends[1:])][1:], "peak_rss_gb": harness.peak_rss_gb(),
+                      "peak_gpu_gb": _peak_gpu_gb()}))
+
+
+def _on_cuda(device):
+    import torch
+
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
 
 
 def ours_sft_step(n_steps, batch_size, dtype, cache=None):
@@ -422,8 +452,109 @@ def bench_logprobs(args):
                 ["dtype", "LM head everywhere", "from the response on", "ratio"], rows)
 
 
+# ----------------------------------------------------------------------------- GPU
+
+
+def random_model_dir(source, seed=0):
+    """Child process: a randomly initialized model of source's shape (its config.json and
+    tokenizer; no weights are read), saved to a temporary directory whose path it prints.
+    Speed depends on the shape, not the weights, and the lent GPU machine reaches no hub."""
+    import tempfile
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    import common
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), dtype=torch.float32)
+    out = tempfile.mkdtemp(prefix="bench-random-model-")
+    common.save_pretrained(model, AutoTokenizer.from_pretrained(source), out)
+    print(json.dumps({"path": out}))
+
+
+def arithmetic_jsonl(n, seed=0):
+    """A question/answer JSONL of n two-term sums (no reasoning-gym needed), its path."""
+    import random
+    import tempfile
+
+    rng, (fd, path) = random.Random(seed), tempfile.mkstemp(prefix="bench-sums-", suffix=".jsonl")
+    with os.fdopen(fd, "w") as f:
+        for _ in range(n):
+            a, b = rng.randint(10, 99), rng.randint(10, 99)
+            f.write(json.dumps({"question": f"What is {a} + {b}?", "answer": str(a + b)}) + "\n")
+    return path
+
+
+def gpu_rollout_seconds(model_dir, n_rows, max_new_tokens, repeats, device):
+    """Child process: seconds to sample n_rows x exactly max_new_tokens (T = 1, bf16) with
+    common.generate and with transformers' generate, with its dynamic KV cache and with its
+    static cache, which transformers compiles on CUDA (torch.compile, CUDA graphs): how much of
+    a decode step is kernel launches rather than arithmetic."""
+    import torch
+
+    import common
+
+    device = common.pick_device(device)
+    model, tokenizer = common.load_model(model_dir, device, common.pick_dtype("auto", device))
+    hf_model = common.load_model(model_dir, device, torch.float32)[0].to(model.compute_dtype)
+    prompts = [tasks.r1_zero_prompt(f"What is {10 + i} + {20 + i}?") for i in range(n_rows)]
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def seconds(fn):
+        fn()  # warm-up (and, for the static cache, compilation)
+        times = []
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def ours():
+        common.generate(model, tokenizer, prompts, harness.Sampling(max_new_tokens=max_new_tokens,
+                                                                     min_new_tokens=max_new_tokens), batch_size=n_rows)
+
+    def theirs(cache_implementation):
+        with torch.no_grad():
+            hf_model.generate(**encoded, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                              max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                              pad_token_id=tokenizer.pad_token_id, cache_implementation=cache_implementation)
+
+    print(json.dumps({"common.generate": seconds(ours), "transformers generate, dynamic cache": seconds(lambda: theirs(None)),
+                      "transformers generate, static cache (compiled on CUDA)": seconds(lambda: theirs("static"))}))
+
+
+def bench_gpu(args):
+    """The issue's GPU setting: SmolLM2-135M's shape with random weights, bf16, one GRPO step =
+    8 prompts x 8 completions x exactly 256 new tokens + one update, ours vs TRL GRPOTrainer
+    (no vLLM), and the sampling alone. Any CUDA machine; --gpu-device cpu for a smoke test."""
+    source = args.gpu_model or machine.resolve_model(machine.DEFAULT_MODEL, args.cache_dir)
+    model_dir = run_child(f"random_model_dir({source!r})")["path"]
+    data = arithmetic_jsonl(64)
+    n, p, g, t, dev = args.train_steps, args.gpu_prompts, args.gpu_group, args.gpu_tokens, args.gpu_device
+    r = run_child(f"gpu_rollout_seconds({model_dir!r}, {p * g}, {t}, {max(1, min(args.repeats, 3))}, {dev!r})")
+    rows = [[name, f"{s:.2f}", f"{p * g * t / s:.0f}", f"{r['transformers generate, dynamic cache'] / s:.2f}x"]
+            for name, s in r.items()]
+    print_table(f"gpu rollouts: {p * g} rows x exactly {t} new tokens, T=1, random weights of {source}'s shape",
+                ["sampler", "seconds", "tokens/s", "vs dynamic cache"], rows)
+    calls = [(f"{who} bfloat16", f"{fn}({n}, {p}, {g}, {t}, 'bfloat16', model={model_dir!r}, device={dev!r}, "
+                                 f"data={data!r})")
+             for who, fn in (("grpo.py", "ours_grpo_step"), ("TRL GRPOTrainer", "trl_grpo_step"))]
+    results = {label: run_child(call) for label, call in calls}
+    trl = statistics.median(results["TRL GRPOTrainer bfloat16"]["step_s"])
+    rows = [[label, f"{statistics.median(r['step_s']):.2f}", f"{trl / statistics.median(r['step_s']):.2f}x",
+             f"{r['peak_gpu_gb']:.1f}"] for label, r in results.items()]
+    print_table(f"gpu grpo: one step = {p} prompts x {g} completions x exactly {t} new tokens + one update, beta 0, "
+                f"{n} steps, first dropped", ["", "s/step (median)", "vs TRL", "peak GPU GB"], rows)
+
+
 SECTIONS = {"blas": bench_blas, "rollouts": bench_rollouts, "grpo": bench_grpo, "sft": bench_sft,
-            "logprobs": bench_logprobs}
+            "logprobs": bench_logprobs,
+            "gpu": bench_gpu}
 
 
 def main(args):
