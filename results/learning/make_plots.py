@@ -3,8 +3,9 @@
     uv run python results/learning/make_plots.py
 
 accuracy_vs_wall.png: held-out accuracy of the default recipe with the fixed grader (4-step SFT
-warm start, then GRPO with dynamic sampling: torch seeds 0-3 and grpo_mlx.py's seed 0), of the
-previous default (25-step warm start, plain GRPO; before the grader fix) and of the SFT-only
+warm start, then GRPO with dynamic sampling: torch seeds 0-3, seed 0 again with today's faster
+sampler (commit aba56fd; its warm start's log was not kept, so its curve starts at GRPO's step 0)
+and grpo_mlx.py's seed 0), of the previous default (25-step warm start, plain GRPO; before the grader fix) and of the SFT-only
 control against training minutes, the sum of their logged step times (model loading and
 evaluations excluded: the runs' full walls are in README.md; only seed 0 and the SFT-only
 control ran alone, the others two at a time with one thread each).
@@ -41,13 +42,15 @@ def main():
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    def sft_then_grpo(run):
-        return [os.path.join(HERE, run, "warmstart", "metrics.jsonl"), os.path.join(HERE, run, "metrics.jsonl")]
+    def sft_then_grpo(run):  # a run saved without its warm start's log starts at its GRPO step 0
+        paths = [os.path.join(HERE, run, "warmstart", "metrics.jsonl"), os.path.join(HERE, run, "metrics.jsonl")]
+        return [path for path in paths if os.path.exists(path)]
 
     recipe = {"torch, seed 0 (alone)": "default_run", "torch, seed 1 (1 thread)": "default_run_seed1",
               "torch, seed 2 (1 thread)": "default_run_seed2", "torch, seed 3 (1 thread)": "default_run_seed3",
               "MLX, seed 0 (1 thread)": "mlx_default_run"}
     runs = {f"default recipe, {name}": sft_then_grpo(d) for name, d in recipe.items()}
+    runs["default recipe, torch, seed 0, today's sampler (aba56fd, alone)"] = sft_then_grpo("default_run_grouped_attention")
     runs["previous default (25 SFT steps, then GRPO; before the grader fix)"] = sft_then_grpo("default_run_warmstart25")
     runs["SFT only (240 steps)"] = [os.path.join(HERE, "sft_only", "metrics.jsonl")]
     fig = Figure(figsize=(8, 6), layout="constrained")
@@ -56,7 +59,7 @@ def main():
     points = {label: accuracy_by_minute(paths) for label, paths in runs.items()}
     for i, (label, run_points) in enumerate(points.items()):
         xs, ys = zip(*run_points)
-        dashed = "MLX" in label or "previous" in label
+        dashed = "MLX" in label or "previous" in label or "aba56fd" in label
         ax.plot(xs, ys, marker="o", color=f"C{i}", label=label, linestyle="--" if dashed else "-")
         ax.annotate(f"{ys[-1]:.1%}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(14, -3), fontsize=8,
                     color=f"C{i}")
