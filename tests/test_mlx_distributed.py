@@ -144,11 +144,17 @@ def test_two_processes_take_the_one_process_steps(runs, name):
 
 
 @pytest.mark.slow
-def test_one_microbatch_per_process_gives_the_same_weights_to_the_bit(runs):
-    # sft: grad_accum 2 in 2 processes, so the sum of the two gradients is the one-process sum
+def test_one_microbatch_per_process_gives_the_same_weights_up_to_rounding(runs):
+    # sft: grad_accum 2 in 2 processes, so the sum of the two gradients is the one-process sum.
+    # Bit for bit where the BLAS rounds a product the same whatever its operands' layout (seen
+    # on AMD EPYC); OpenBLAS's AVX-512 kernels on an Intel Xeon left last-bit differences at ~10%
+    # of the weights after 3 steps (at most 3.7e-9, half an ulp of the largest weight). A real
+    # difference (a microbatch lost, a sum scaled) moves weights by ~lr = 3e-3.
     a, b = (load_file(runs / d / "sft" / "final" / "model.safetensors") for d in ("one", "two"))
+    assert a.keys() == b.keys()
     for k in a:
-        assert np.array_equal(a[k], b[k]), k
+        rounding = 2 * np.spacing(np.abs(a[k]).max())  # two ulps of the tensor's largest weight
+        assert np.abs(a[k].astype(np.float64) - b[k]).max() <= rounding, k
 
 
 @pytest.mark.slow
