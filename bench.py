@@ -294,6 +294,7 @@ def trl_grpo_step(n_steps, n_prompts, group_size, max_new_tokens, dtype, cache=N
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    import common
     import rewards
 
     path = model or machine.resolve_model(machine.DEFAULT_MODEL, cache)
@@ -313,7 +314,8 @@ def trl_grpo_step(n_steps, n_prompts, group_size, max_new_tokens, dtype, cache=N
     config = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-trl-"), per_device_train_batch_size=n_prompts * group_size,
         num_generations=group_size, max_completion_length=max_new_tokens, max_steps=n_steps, learning_rate=1e-5,
-        gradient_accumulation_steps=1, beta=0.0, bf16=dtype == "bfloat16", use_cpu=not _on_cuda(device), report_to=[],
+        gradient_accumulation_steps=1, beta=0.0, bf16=dtype == "bfloat16",
+        use_cpu=common.pick_device(device).type != "cuda", report_to=[],
         logging_steps=1000, save_strategy="no", generation_kwargs={"min_new_tokens": max_new_tokens}, seed=0)
     policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -325,11 +327,6 @@ def trl_grpo_step(n_steps, n_prompts, group_size, max_new_tokens, dtype, cache=N
     print(json.dumps({"step_s": [b - a for a, b in zip(ends, ends[1:])][1:], "peak_rss_gb": harness.peak_rss_gb(),
                       "peak_gpu_gb": _peak_gpu_gb()}))
 
-
-def _on_cuda(device):
-    import torch
-
-    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
 
 
 def ours_sft_step(n_steps, batch_size, dtype, cache=None):
@@ -379,13 +376,15 @@ def trl_sft_step(n_steps, batch_size, dtype, cache=None):
     print(json.dumps({"step_s": [b - a for a, b in zip(ends, ends[1:])][1:], "peak_rss_gb": harness.peak_rss_gb()}))
 
 
-def _vs_trl(title, calls, args):
-    """Run each (label, child call) in a fresh process, alternating, and print one table."""
+def _vs_trl(title, calls, args, memory="peak_rss_gb"):
+    """Run each (label, child call) in a fresh process, alternating, and print one table.
+    memory: the peak to show, "peak_rss_gb" or "peak_gpu_gb"."""
     results = {label: run_child(call) for label, call in calls}
     trl_best = min(statistics.median(r["step_s"]) for label, r in results.items() if label.startswith("TRL"))
     rows = [[label, f"{statistics.median(r['step_s']):.1f}", f"{trl_best / statistics.median(r['step_s']):.2f}x",
-             f"{r['peak_rss_gb']:.1f}"] for label, r in results.items()]
-    print_table(title, ["", "s/step (median)", "vs best TRL", "peak RSS GB"], rows)
+             f"{r[memory]:.1f}"] for label, r in results.items()]
+    header = {"peak_rss_gb": "peak RSS GB", "peak_gpu_gb": "peak GPU GB"}[memory]
+    print_table(title, ["", "s/step (median)", "vs best TRL", header], rows)
 
 
 def bench_grpo(args):
@@ -486,8 +485,8 @@ def arithmetic_jsonl(n, seed=0):
     return path
 
 
-def gpu_rollout_seconds(model_dir, n_rows, max_new_tokens, repeats, device):
-    """Child process: seconds to sample n_rows x exactly max_new_tokens (T = 1, bf16) with
+def gpu_rollout_tokens_per_s(model_dir, n_rows, max_new_tokens, repeats, device):
+    """Child process: tokens/s sampling n_rows x exactly max_new_tokens (T = 1, bf16) with
     common.generate and with transformers' generate, with its dynamic KV cache and with its
     static cache, which transformers compiles on CUDA (torch.compile, CUDA graphs): how much of
     a decode step is kernel launches rather than arithmetic."""
@@ -501,31 +500,25 @@ def gpu_rollout_seconds(model_dir, n_rows, max_new_tokens, repeats, device):
     prompts = [tasks.r1_zero_prompt(f"What is {10 + i} + {20 + i}?") for i in range(n_rows)]
     tokenizer.padding_side = "left"
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def seconds(fn):
-        fn()  # warm-up (and, for the static cache, compilation)
-        times = []
-        for _ in range(repeats):
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+    def ours():  # returns Python lists: the GPU has finished
+        sampling = harness.Sampling(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
+        out = common.generate(model, tokenizer, prompts, sampling, batch_size=n_rows)
+        return sum(len(o["response_ids"]) for o in out)
 
-    def ours():
-        common.generate(model, tokenizer, prompts, harness.Sampling(max_new_tokens=max_new_tokens,
-                                                                     min_new_tokens=max_new_tokens), batch_size=n_rows)
-
-    def theirs(cache_implementation):
+    def theirs(cache_implementation):  # median_rate's warm-up run compiles the static cache
         with torch.no_grad():
-            hf_model.generate(**encoded, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                              max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                              pad_token_id=tokenizer.pad_token_id, cache_implementation=cache_implementation)
+            out = hf_model.generate(**encoded, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                    max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                    pad_token_id=tokenizer.pad_token_id, cache_implementation=cache_implementation)
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # generate returns before the GPU has finished
+        return (out.shape[1] - encoded["input_ids"].shape[1]) * out.shape[0]
 
-    print(json.dumps({"common.generate": seconds(ours), "transformers generate, dynamic cache": seconds(lambda: theirs(None)),
-                      "transformers generate, static cache (compiled on CUDA)": seconds(lambda: theirs("static"))}))
+    print(json.dumps({"common.generate": median_rate(ours, repeats),
+                      "transformers generate, dynamic cache": median_rate(lambda: theirs(None), repeats),
+                      "transformers generate, static cache (compiled on CUDA)": median_rate(lambda: theirs("static"),
+                                                                                             repeats)}))
 
 
 def bench_gpu(args):
@@ -536,20 +529,16 @@ def bench_gpu(args):
     model_dir = run_child(f"random_model_dir({source!r})")["path"]
     data = arithmetic_jsonl(64)
     n, p, g, t, dev = args.train_steps, args.gpu_prompts, args.gpu_group, args.gpu_tokens, args.gpu_device
-    r = run_child(f"gpu_rollout_seconds({model_dir!r}, {p * g}, {t}, {max(1, min(args.repeats, 3))}, {dev!r})")
-    rows = [[name, f"{s:.2f}", f"{p * g * t / s:.0f}", f"{r['transformers generate, dynamic cache'] / s:.2f}x"]
-            for name, s in r.items()]
+    r = run_child(f"gpu_rollout_tokens_per_s({model_dir!r}, {p * g}, {t}, {max(1, min(args.repeats, 3))}, {dev!r})")
+    dynamic = r["transformers generate, dynamic cache"]
+    rows = [[name, f"{rate:.0f}", f"{rate / dynamic:.2f}x"] for name, rate in r.items()]
     print_table(f"gpu rollouts: {p * g} rows x exactly {t} new tokens, T=1, random weights of {source}'s shape",
-                ["sampler", "seconds", "tokens/s", "vs dynamic cache"], rows)
+                ["sampler", "tokens/s", "vs dynamic cache"], rows)
     calls = [(f"{who} bfloat16", f"{fn}({n}, {p}, {g}, {t}, 'bfloat16', model={model_dir!r}, device={dev!r}, "
                                  f"data={data!r})")
              for who, fn in (("grpo.py", "ours_grpo_step"), ("TRL GRPOTrainer", "trl_grpo_step"))]
-    results = {label: run_child(call) for label, call in calls}
-    trl = statistics.median(results["TRL GRPOTrainer bfloat16"]["step_s"])
-    rows = [[label, f"{statistics.median(r['step_s']):.2f}", f"{trl / statistics.median(r['step_s']):.2f}x",
-             f"{r['peak_gpu_gb']:.1f}"] for label, r in results.items()]
-    print_table(f"gpu grpo: one step = {p} prompts x {g} completions x exactly {t} new tokens + one update, beta 0, "
-                f"{n} steps, first dropped", ["", "s/step (median)", "vs TRL", "peak GPU GB"], rows)
+    _vs_trl(f"gpu grpo: one step = {p} prompts x {g} completions x exactly {t} new tokens + one update, beta 0, "
+            f"{n} steps, first dropped", calls, args, memory="peak_gpu_gb")
 
 
 SECTIONS = {"blas": bench_blas, "rollouts": bench_rollouts, "grpo": bench_grpo, "sft": bench_sft,

@@ -12,7 +12,7 @@ def _printed_json(capsys):
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def test_arithmetic_jsonl_holds_true_sums_that_the_trainers_read(tmp_path):
+def test_arithmetic_jsonl_holds_true_sums_that_the_trainers_read():
     rows = tasks.read_jsonl(bench.arithmetic_jsonl(20, seed=3))
     assert len(rows) == 20
     for row in rows:
