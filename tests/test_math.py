@@ -837,6 +837,48 @@ def test_generate_with_grouped_attention_matches_reference():
     _check_greedy_matches(model, tok, [prefix + q for q in ("1+1?", "what is 12+30?", "x")] + GEN_PROMPTS[1:], 10, {2})
 
 
+def test_kv_cache_returns_what_dynamic_cache_returns():
+    # the sampler's preallocated cache against transformers' DynamicCache (concatenation), as a
+    # rollout uses it: a prefix for one row, repeated for the batch, steps, rows dropped
+    from transformers import DynamicCache
+
+    torch.manual_seed(0)
+    ours, theirs = common._kv_cache(capacity=9), DynamicCache()
+    kv = lambda rows, n: (torch.randn(rows, 3, n, 4), torch.randn(rows, 3, n, 4))  # noqa: E731
+    steps = [("update", kv(1, 4)), ("repeat", 3), ("update", kv(3, 1)), ("select", torch.tensor([0, 2])),
+             ("update", kv(2, 1)), ("select", torch.tensor([1])), ("update", kv(1, 2))]
+    for op, arg in steps:
+        for cache in (ours, theirs):
+            if op == "update":
+                for layer in range(2):
+                    got = cache.update(*arg, layer_idx=layer)
+            elif op == "repeat":
+                cache.batch_repeat_interleave(arg)
+            else:
+                cache.batch_select_indices(arg)
+        if op == "update":
+            assert ours.get_seq_length() == theirs.get_seq_length()
+            for layer in range(2):
+                assert torch.equal(ours.layers[layer].keys, theirs.layers[layer].keys)
+                assert torch.equal(ours.layers[layer].values, theirs.layers[layer].values)
+    assert ours.get_seq_length() == 8 and got[0].shape == (1, 3, 8, 4)
+
+
+def test_grouped_attention_under_autocast_is_the_fp32_attention():
+    # under bf16 autocast the written-out attention must not cast the cached keys and values
+    # to bf16 (autocast would, at every decode step): it computes in fp32, to the bit
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 9, 1, 8), torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)
+    mask = torch.zeros(2, 1, 1, 5)
+    mask[0, :, :, 1] = -float("inf")
+    fp32, _ = common._grouped_attention(None, q, k, v, mask, 0.35)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, _ = common._grouped_attention(None, q, k, v.bfloat16(), mask, 0.35)
+    assert mixed.dtype == torch.float32
+    assert torch.equal(mixed, common._grouped_attention(None, q, k, v.bfloat16().float(), mask, 0.35)[0])
+    assert torch.allclose(mixed, fp32, atol=1e-2)  # only v's rounding to bf16 (as v_proj gives it) differs
+
+
 def _tiny_gpt2(seed=0):
     """A random 2-layer GPT-2: learned absolute position embeddings, so a wrong position id
     changes the output (RoPE in tiny_llama is blind to a constant per-row offset). A large
