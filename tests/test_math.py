@@ -996,25 +996,29 @@ def test_a_fully_masked_row_adds_nothing_and_no_nan(loss_type):
     assert loss.item() == pytest.approx(loss_alone.item() / 2)  # mean over 2 rows, one of them empty
 
 
-@pytest.mark.parametrize("dtype,speedup,expected", [(torch.bfloat16, 2.0, "nanoalign"), (torch.bfloat16, 1.0, "sdpa"),
-                                                     (torch.float32, 2.0, "sdpa")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("speedup,expected", [(2.0, "nanoalign"), (1.0, "sdpa")])
 def test_load_model_picks_attention_by_measurement(tiny_model_dir, monkeypatch, dtype, speedup, expected):
-    # attention written out only where the check measured PyTorch's SDPA kernel slower, only in bf16
-    monkeypatch.setattr(common, "_cpu_attention_speedup", lambda: speedup)
+    # attention written out only where the check, in the run's dtype, measured PyTorch's SDPA kernel slower
+    checked = []
+    monkeypatch.setattr(common, "_cpu_attention_speedup", lambda d: checked.append(d) or speedup)
     model, _ = common.load_model(tiny_model_dir, torch.device("cpu"), dtype)
-    assert model.config._attn_implementation == expected
+    assert model.config._attn_implementation == expected and checked == [dtype]
 
 
-@pytest.mark.parametrize("q_len,mask", [(1, True), (5, True), (5, False)])
-def test_grouped_attention_matches_transformers_eager(q_len, mask):
+@pytest.mark.parametrize("q_len,mask,dtype", [(1, True, torch.float64), (5, True, torch.float64),
+                                              (5, False, torch.float64), (1, True, torch.float32),
+                                              (5, True, torch.float32), (5, False, torch.float32)])
+def test_grouped_attention_matches_transformers_eager(q_len, mask, dtype):
     # the reference: transformers' own eager attention, which copies each key/value head for
-    # the query heads that read it (3 here); outputs and gradients must agree
+    # the query heads that read it (3 here); outputs and gradients must agree. A whole fp32
+    # sequence takes the other path (PyTorch's fused kernel), so both are checked
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, h, n, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    q, k, v = (torch.randn(2, h, n, 8, generator=g, dtype=dtype, requires_grad=True)
                for h, n in ((6, q_len), (2, 7), (2, 7)))
-    additive = torch.zeros(2, 1, q_len, 7, dtype=torch.float64)
+    additive = torch.zeros(2, 1, q_len, 7, dtype=dtype)
     additive[0, :, :, :2] = -float("inf")  # row 0: two pad positions
     additive[:, :, :, 7 - q_len + 1 :] += torch.triu(torch.full((q_len, q_len - 1), -float("inf")), 0)
     module = SimpleNamespace(num_key_value_groups=3, training=False)
@@ -1025,11 +1029,12 @@ def test_grouped_attention_matches_transformers_eager(q_len, mask):
         results.append((out, *grads))
     assert results[0][0].shape == (2, q_len, 6, 8)
     for ours, reference in zip(*results):
-        assert torch.allclose(ours, reference, atol=1e-12)
+        assert torch.allclose(ours, reference, atol=1e-12 if dtype == torch.float64 else 1e-5)
 
 
-def test_cpu_attention_speedup_is_a_measured_ratio():
-    speedup = common._cpu_attention_speedup.__wrapped__()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cpu_attention_speedup_is_a_measured_ratio(dtype):
+    speedup = common._cpu_attention_speedup.__wrapped__(dtype)
     assert 0 < speedup < 1000 and speedup != 1.0  # two timings divided, not a constant
 
 
