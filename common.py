@@ -693,7 +693,9 @@ def _kv_cache(capacity):
     """transformers' DynamicCache, except that each layer writes a step's keys and values
     into buffers of `capacity` positions made once, not torch.cat into a new tensor holding
     the whole cache (at 64 rows and ~170 positions those copies were ~20% of a bf16 rollout's
-    time on the Intel Xeon, results/speed). Attention reads views of the filled part."""
+    time on the Intel Xeon, results/speed). Attention reads views of the filled part. Both
+    buffers take the keys' dtype: fp32 under autocast too (keys leave RoPE in fp32), so the
+    fp32 attention reads the values in place as well."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
