@@ -328,7 +328,6 @@ def trl_grpo_step(n_steps, n_prompts, group_size, max_new_tokens, dtype, cache=N
                       "peak_gpu_gb": _peak_gpu_gb()}))
 
 
-
 def ours_sft_step(n_steps, batch_size, dtype, cache=None):
     """Child process: sft.py seconds per step, completion-only, gsm_symbolic traces."""
     import tempfile
