@@ -714,20 +714,23 @@ def _kv_cache(capacity):
             self.keys, self.values = (b[:, :, : self.length] for b in self.buffers)
             return self.keys, self.values
 
-        def _rows(self, pick):  # new buffers holding pick(filled part), with room for the rest
-            for i, b in enumerate(self.buffers):
-                filled = pick(b[:, :, : self.length])
-                self.buffers[i] = filled.new_empty(filled.shape[0], b.shape[1], capacity, b.shape[3])
-                self.buffers[i][:, :, : self.length] = filled
-            self._views()
-
-        def batch_repeat_interleave(self, repeats):
+        def batch_repeat_interleave(self, repeats):  # new buffers holding the filled part repeated
             if self.is_initialized:
-                self._rows(lambda b: b.repeat_interleave(repeats, dim=0))
+                for i, b in enumerate(self.buffers):
+                    filled = b[:, :, : self.length].repeat_interleave(repeats, dim=0)
+                    self.buffers[i] = filled.new_empty(filled.shape[0], b.shape[1], capacity, b.shape[3])
+                    self.buffers[i][:, :, : self.length] = filled
+                self._views()
 
-        def batch_select_indices(self, indices):
-            if self.is_initialized:
-                self._rows(lambda b: b[indices])
+        def batch_select_indices(self, indices):  # the rows kept close ranks in place (fresh buffers
+            if self.is_initialized:  # cost more); rows before the first one that changes stay put
+                n = len(indices)
+                moved = (indices != torch.arange(n, device=indices.device)).nonzero()
+                first = moved[0, 0].item() if len(moved) else n
+                for i, b in enumerate(self.buffers):
+                    b[first:n, :, : self.length] = b[indices[first:], :, : self.length]
+                    self.buffers[i] = b[:n]
+                self._views()
 
     cache = DynamicCache()
     cache.layer_class_to_replicate = Layer
