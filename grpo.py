@@ -55,6 +55,7 @@ advantage_eps = 1e-6
 mask_truncated = False  # no loss on completions cut at max_new_tokens
 dynamic_sampling = True  # DAPO: drop groups with all rewards equal (no gradient), sample more (results/learning)
 max_sampling_rounds = 3  # with --dynamic-sampling: at most this many rollout rounds per step
+oversample = 2.0  # with --dynamic-sampling: a round samples this many times the groups still missing, as one batch
 # optimization
 lr = 1e-5
 batch_size = 0  # rollouts per optimizer step (0: the whole rollout batch, one step)
@@ -191,7 +192,7 @@ def main(args):
         prompts = [tasks.r1_zero_prompt(q["question"]) for q in questions for _ in range(args.group_size)]
         answers = [q["answer"] for q in questions for _ in range(args.group_size)]
         model.eval()
-        rollouts = common.generate(model, tokenizer, prompts, sampling, batch_size=args.rollout_batch_size,
+        rollouts = common.generate(model, tokenizer, prompts, sampling, batch_size=max(1, len(prompts)),
                                    generator=common.rank_generator(device))
         model.train()
         for r, answer in zip(rollouts, answers):
@@ -210,7 +211,7 @@ def main(args):
         n_groups, sampled = args.rollout_batch_size // args.group_size, {}
         if args.dynamic_sampling:
             rollouts, scores, sampled = harness.dynamic_sample(sample_groups, n_groups, args.group_size,
-                                                               args.max_sampling_rounds)
+                                                               args.max_sampling_rounds, args.oversample)
         else:
             rollouts, scores = sample_groups(n_groups)
         answers = [r["answer"] for r in rollouts]

@@ -95,7 +95,7 @@ def check_inputs(parser, args, train_kind="qa"):
         require_multiple(parser, [("--grad-accum", args.grad_accum, "the number of processes", world_size())])
     if getattr(args, "fsdp", False) and args.lora_rank:
         parser.error("--fsdp shards full fine-tuning; with --lora-rank the frozen model is whole on every process: drop one")
-    for flag in ("n_eval", "n_train"):  # counts of at least one (0 would fail deep inside a run)
+    for flag in ("n_eval", "n_train", "oversample"):  # at least one (0 would fail deep inside a run)
         if getattr(args, flag, 1) < 1:
             parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
 
@@ -205,17 +205,20 @@ def lr_factor(step, warmup_steps, total_steps, final=0.1):
     return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def dynamic_sample(sample_groups, n_groups, group_size, max_rounds):
+def dynamic_sample(sample_groups, n_groups, group_size, max_rounds, oversample=1.0):
     """DAPO's dynamic sampling. sample_groups(n) -> (rollouts, scores) for n new questions,
     group_size of each, consecutive. A group whose rewards are all equal has zero advantage
     and adds no gradient: it is dropped and more questions are sampled, for at most
     max_rounds rounds; if the batch is still short it is topped up with dropped groups, so
-    every step trains on n_groups groups. Returns rollouts, scores, {generated, kept}."""
+    every step trains on n_groups groups. Each round samples oversample x the groups still
+    missing (mixed groups beyond n_groups are dropped too): one big round costs less than
+    several small ones, since a round lasts as long as its longest answer.
+    Returns rollouts, scores, {generated, kept}."""
     kept, dropped, generated = [], [], 0
     for _ in range(max_rounds):
         if len(kept) == n_groups:
             break
-        rollouts, scores = sample_groups(n_groups - len(kept))
+        rollouts, scores = sample_groups(math.ceil((n_groups - len(kept)) * oversample))
         generated += len(rollouts) // group_size
         for i in range(0, len(rollouts), group_size):
             group = (rollouts[i : i + group_size], scores[i : i + group_size])
