@@ -55,7 +55,7 @@ advantage_eps = 1e-6
 mask_truncated = False  # no loss on completions cut at max_new_tokens
 dynamic_sampling = True  # DAPO: drop groups with all rewards equal (no gradient), sample more (results/learning)
 max_sampling_rounds = 3  # with --dynamic-sampling: at most this many rollout rounds per step
-oversample = 2.0  # with --dynamic-sampling: a round samples this many times the groups still missing, as one batch
+oversample = 2.0  # with --dynamic-sampling: each round samples this x the groups missing, in one batch (dense reward: 1)
 # optimization
 lr = 1e-5
 batch_size = 0  # rollouts per optimizer step (0: the whole rollout batch, one step)

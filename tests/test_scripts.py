@@ -72,7 +72,8 @@ def test_grpo_learns_a_synthetic_reward(char_model_dir, tmp_path, script, loss_t
     args = script.parse_args(common_flags(char_model_dir, tmp_path) + [
         "--reward", SEVENS, "--loss-type", loss_type, "--n-steps", "40", "--rollout-batch-size", "32",
         "--group-size", "8", "--grad-accum", "1", "--lr", "3e-3", "--warmstart-steps", "0", "--eval-every", "0",
-        "--save-every", "0", "--min-new-tokens", "8", "--epochs-per-rollout", "2"])
+        "--save-every", "0", "--min-new-tokens", "8", "--epochs-per-rollout", "2",
+        "--oversample", "1"])  # a dense reward: nearly every group is mixed, oversampling would only cost time
     script.main(args)
     rewards = [r["reward"] for r in rows(tmp_path / "metrics.jsonl") if "reward" in r]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
