@@ -882,12 +882,13 @@ def _checkpoint_layers(model):  # torch only, like _read_only and _no_checkpoint
             layer._can_checkpoint_with_cache = layer._nanoalign_checkpointing = True
 
 
-def resume(ckpt, model, optimizer, scheduler):
-    """Restore optimizer, scheduler, RNG (and LoRA adapters) from a checkpoint -> (step, cursor)."""
+def resume(ckpt, model, optimizer, scheduler, cursor=0):
+    """Restore optimizer, scheduler, RNG (and LoRA adapters) from a checkpoint -> (step, cursor).
+    Without a checkpoint: (0, cursor), the fresh run's cursor (any picklable value: the data position)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     if not ckpt:
-        return 0, 0
+        return 0, cursor
     state = load_train_state(ckpt, model)
     # keyed by parameter name; under --fsdp each process keeps its shard of it
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))

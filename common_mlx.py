@@ -720,11 +720,12 @@ def load_policy(args, start_model=None):
     return model, tokenizer, ckpt
 
 
-def resume(ckpt, model, optimizer, scheduler):
+def resume(ckpt, model, optimizer, scheduler, cursor=0):
     """Restore the optimizer (its step drives the schedule), RNG (and LoRA adapters) from a
-    checkpoint -> (step, cursor)."""
+    checkpoint -> (step, cursor).
+    Without a checkpoint: (0, cursor), the fresh run's cursor (any picklable value: the data position)."""
     if not ckpt:
-        return 0, 0
+        return 0, cursor
     state = load_train_state(ckpt, model)
     optimizer.state = tree_unflatten([(k, mx.array(v)) for k, v in state["optimizer"].items()])
     return state["step"], state["cursor"]

@@ -52,7 +52,7 @@ advantage_eps = 1e-6
 mask_truncated = False  # no loss on completions cut at max_new_tokens
 dynamic_sampling = True  # DAPO: drop groups with all rewards equal (no gradient), sample more (results/learning)
 max_sampling_rounds = 3  # with --dynamic-sampling: at most this many rollout rounds per step
-oversample = 2.0  # with --dynamic-sampling: each round samples this x the groups missing, in one batch (dense reward: 1)
+oversample = 2.0  # with --dynamic-sampling: a round samples the groups missing / the mixed share, at most this x
 # optimization
 lr = 1e-5
 batch_size = 0  # rollouts per optimizer step (0: the whole rollout batch, one step)
@@ -174,7 +174,9 @@ def main(args):
     grader = rewards.get_reward_fn(args.reward)
     reward_fn = functools.lru_cache(maxsize=4096)(grader)
     sampling = harness.Sampling.from_args(args)
-    start_step, cursor = common.resume(ckpt, model, optimizer, scheduler)
+    # the next training question, and the last step's sampling counts (the next step's first round is
+    # sized from them): checkpoints keep both, so a resumed run samples as an unbroken one
+    start_step, cursor = common.resume(ckpt, model, optimizer, scheduler, cursor={"question": 0, "sampled": {}})
     log = harness.MetricsLog(args.out_dir, args.wandb, vars(args), start_step, args.tensorboard)
 
     off_policy = optimizer_steps_per_rollout * args.epochs_per_rollout > 1
@@ -193,9 +195,8 @@ def main(args):
     loss_and_grad = nn.value_and_grad(model, loss_fn)
 
     def sample_groups(n_questions):  # rollouts for n_questions new questions x group_size, graded
-        nonlocal cursor
-        questions = harness.take(train_examples, cursor, n_questions, args.seed)
-        cursor += n_questions
+        questions = harness.take(train_examples, cursor["question"], n_questions, args.seed)
+        cursor["question"] += n_questions
         questions = common.rank_share(questions)  # under mlx.launch each process samples and grades its share
         prompts = [tasks.r1_zero_prompt(q["question"]) for q in questions for _ in range(args.group_size)]
         answers = [q["answer"] for q in questions for _ in range(args.group_size)]
@@ -217,7 +218,9 @@ def main(args):
         n_groups, sampled = args.rollout_batch_size // args.group_size, {}
         if args.dynamic_sampling:
             rollouts, scores, sampled = harness.dynamic_sample(sample_groups, n_groups, args.group_size,
-                                                               args.max_sampling_rounds, args.oversample)
+                                                               args.max_sampling_rounds, args.oversample,
+                                                               last=cursor["sampled"])
+            cursor["sampled"] = sampled
         else:
             rollouts, scores = sample_groups(n_groups)
         answers = [r["answer"] for r in rollouts]

@@ -205,29 +205,43 @@ def lr_factor(step, warmup_steps, total_steps, final=0.1):
     return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def dynamic_sample(sample_groups, n_groups, group_size, max_rounds, oversample=1.0):
+def dynamic_sample(sample_groups, n_groups, group_size, max_rounds, oversample=1.0, last=None):
     """DAPO's dynamic sampling. sample_groups(n) -> (rollouts, scores) for n new questions,
     group_size of each, consecutive. A group whose rewards are all equal has zero advantage
     and adds no gradient: it is dropped and more questions are sampled, for at most
     max_rounds rounds; if the batch is still short it is topped up with dropped groups, so
-    every step trains on n_groups groups. Each round samples oversample x the groups still
-    missing (mixed groups beyond n_groups are dropped too): one big round costs less than
-    several small ones, since a round lasts as long as its longest answer.
-    Returns rollouts, scores, {generated, kept}."""
-    kept, dropped, generated = [], [], 0
+    every step trains on n_groups groups. Mixed groups beyond n_groups are dropped too.
+
+    How many questions a round samples: the groups still missing / the share of mixed groups,
+    at most oversample x the groups missing. The share is this step's so far, or in its first
+    round the previous step's (`last`, the dict the previous call returned; None: unknown, so
+    oversample x). A sparse reward thus gets one big round, which costs less than several
+    small ones since a round lasts as long as its longest answer; a dense one (nearly every
+    group mixed) samples little more than it keeps.
+    Returns rollouts, scores, {groups_generated, groups_mixed (all found), groups_mixed_kept}."""
+    kept, dropped, generated, mixed, last = [], [], 0, 0, last or {}
     for _ in range(max_rounds):
-        if len(kept) == n_groups:
+        missing = n_groups - len(kept)
+        if missing == 0:
             break
-        rollouts, scores = sample_groups(math.ceil((n_groups - len(kept)) * oversample))
+        if generated:  # this step's share so far, else the previous step's
+            seen, seen_mixed = generated, mixed
+        else:
+            seen, seen_mixed = last.get("groups_generated", 0), last.get("groups_mixed", 0)
+        n = math.ceil(missing * oversample)
+        if seen_mixed:  # missing / share = ceil(missing * seen / seen_mixed), in integers: exact
+            n = min(n, -(-missing * seen // seen_mixed))
+        rollouts, scores = sample_groups(n)
         generated += len(rollouts) // group_size
         for i in range(0, len(rollouts), group_size):
             group = (rollouts[i : i + group_size], scores[i : i + group_size])
-            mixed = len({s["reward"] for s in group[1]}) > 1
-            (kept if mixed and len(kept) < n_groups else dropped).append(group)
+            is_mixed = len({s["reward"] for s in group[1]}) > 1
+            mixed += is_mixed
+            (kept if is_mixed and len(kept) < n_groups else dropped).append(group)
     n_mixed = len(kept)
     groups = kept + dropped[: n_groups - len(kept)]
     return ([r for g in groups for r in g[0]], [s for g in groups for s in g[1]],
-            {"groups_generated": generated, "groups_mixed_kept": n_mixed})
+            {"groups_generated": generated, "groups_mixed": mixed, "groups_mixed_kept": n_mixed})
 
 
 def count_bad_steps(grad_norm, bad_steps, max_bad_steps):

@@ -70,7 +70,7 @@ def test_dynamic_sampling_keeps_only_mixed_groups_when_there_are_enough():
     rollouts, scores, stats = harness.dynamic_sample(sampler, n_groups=4, group_size=2, max_rounds=5)
     groups = groups_of(rollouts, scores, 2)
     assert len(groups) == 4 and all(len(set(r)) > 1 for _, r in groups)
-    assert stats == {"groups_generated": sum(sampler.calls), "groups_mixed_kept": 4}
+    assert stats == {"groups_generated": sum(sampler.calls), "groups_mixed": 4, "groups_mixed_kept": 4}
     assert sampler.calls == [4, 2, 1, 1]  # each round asks only for the groups still missing
 
 
@@ -82,12 +82,30 @@ def test_dynamic_sampling_oversamples_each_round():
     rollouts, scores, stats = harness.dynamic_sample(sampler, n_groups=4, group_size=2, max_rounds=5, oversample=1.5)
     assert sampler.calls == [6, 2]  # 6 questions hold 3 mixed; 1 missing -> ceil(1.5) = 2 more
     assert [q for q, _ in groups_of(rollouts, scores, 2)] == [1, 3, 5, 7]
-    assert stats == {"groups_generated": 8, "groups_mixed_kept": 4}
+    assert stats == {"groups_generated": 8, "groups_mixed": 4, "groups_mixed_kept": 4}
     # mixed groups past n_groups are dropped, not carried over
     sampler = Sampler(patterns)
     rollouts, scores, stats = harness.dynamic_sample(sampler, n_groups=2, group_size=2, max_rounds=5, oversample=3.0)
     assert sampler.calls == [6] and [q for q, _ in groups_of(rollouts, scores, 2)] == [1, 3]
-    assert stats == {"groups_generated": 6, "groups_mixed_kept": 2}
+    assert stats == {"groups_generated": 6, "groups_mixed": 3, "groups_mixed_kept": 2}
+
+
+def test_dynamic_sampling_sizes_the_first_round_from_the_last_step():
+    dense = [[1, 0]]  # every group mixed
+    for last, calls in [(None, [8]),  # no share known yet: oversample x 4
+                        ({"groups_generated": 8, "groups_mixed": 8}, [4]),  # share 1: exactly the 4 missing
+                        ({"groups_generated": 5, "groups_mixed": 4}, [5]),  # share 4/5: ceil(4 x 5/4) = 5
+                        ({"groups_generated": 12, "groups_mixed": 4}, [8]),  # share 1/3: 12, capped at 2 x 4
+                        ({"groups_generated": 6, "groups_mixed": 0}, [8])]:  # none mixed: the cap
+        sampler = Sampler(dense)
+        harness.dynamic_sample(sampler, n_groups=4, group_size=2, max_rounds=3, oversample=2.0, last=last)
+        assert sampler.calls == calls, last
+    # later rounds use this step's own share: 2 mixed in every 4 questions (1, 3, 5, ...)
+    sampler = Sampler([[1, 1], [1, 0], [0, 0], [0, 1]])
+    _, _, stats = harness.dynamic_sample(sampler, n_groups=4, group_size=2, max_rounds=3, oversample=4.0,
+                                         last={"groups_generated": 4, "groups_mixed": 4})
+    # share 1 -> 4 questions, 2 mixed; share 2/4 -> 2 missing x 2 = 4 more, 2 mixed
+    assert sampler.calls == [4, 4] and stats == {"groups_generated": 8, "groups_mixed": 4, "groups_mixed_kept": 4}
 
 
 def test_dynamic_sampling_respects_its_cap_and_keeps_the_batch_full():

@@ -80,7 +80,8 @@ def test_grpo_mlx_resume_equals_an_uninterrupted_run(char_model_dir, tmp_path):
     from safetensors.numpy import load_file
 
     flags = GRPO_FLAGS + ["--reward", SEVENS, "--lr", "1e-3", "--save-every", "2", "--eval-every", "0",
-                          "--n-steps", "4", "--warmup-steps", "1"]
+                          "--n-steps", "4", "--warmup-steps", "1",
+                          "--oversample", "16"]  # the first round's size comes from the last step: below 16x here
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     grpo_mlx.main(grpo_mlx.parse_args(common_flags(char_model_dir, straight) + flags))
     shutil.copytree(straight / "checkpoints" / "step_000002", resumed / "checkpoints" / "step_000002")

@@ -99,7 +99,8 @@ def test_grpo_resume_equals_an_uninterrupted_run(char_model_dir, tmp_path):
 
     flags = ["--rollout-batch-size", "8", "--group-size", "4", "--grad-accum", "2", "--warmstart-steps", "0",
              "--reward", SEVENS, "--lr", "1e-3", "--save-every", "2", "--eval-every", "0", "--n-steps", "4",
-             "--warmup-steps", "1", "--temperature", "1.0"]
+             "--warmup-steps", "1", "--temperature", "1.0",
+             "--oversample", "16"]  # a step's first round is sized from the last step's mixed share: below 16x here
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     grpo.main(grpo.parse_args(common_flags(char_model_dir, straight) + flags))
     shutil.copytree(straight / "checkpoints" / "step_000002", resumed / "checkpoints" / "step_000002")
