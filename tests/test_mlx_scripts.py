@@ -131,8 +131,12 @@ def fixed_rollouts(tokenizer, prompts, max_new_tokens):
     return out
 
 
+# every loss type (test_scripts' learning test runs grpo_mlx.py with one: these show the others
+# update as in torch)
 @pytest.mark.parametrize("loss_type, extra", [("grpo_clip", ["--epochs-per-rollout", "2"]),
-                                              ("dapo", ["--beta", "0.1"]), ("gspo", ["--epochs-per-rollout", "2"])])
+                                              ("dapo", ["--beta", "0.1"]), ("gspo", ["--epochs-per-rollout", "2"]),
+                                              ("no_baseline", []), ("reinforce_with_baseline", []),
+                                              ("dr_grpo", ["--epochs-per-rollout", "2"]), ("bnpo", ["--beta", "0.1"])])
 def test_grpo_trajectory_matches_torch_on_fixed_rollouts(char_model_dir, tmp_path, monkeypatch, loss_type, extra):
     import common
 

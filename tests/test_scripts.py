@@ -64,10 +64,12 @@ def test_baseline_writes_generations_and_summary(char_model_dir, tmp_path):
     assert summary["format_and_answer"] + summary["format_only"] + summary["no_format"] == 4
 
 
+LOSS_TYPES = ["no_baseline", "reinforce_with_baseline", "grpo_clip", "dr_grpo", "dapo", "bnpo", "gspo"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("script", [grpo, grpo_mlx])
-@pytest.mark.parametrize("loss_type", ["no_baseline", "reinforce_with_baseline", "grpo_clip", "dr_grpo", "dapo",
-                                       "bnpo", "gspo"])
+@pytest.mark.parametrize("script, loss_type", [(grpo, loss) for loss in LOSS_TYPES] + [(grpo_mlx, "grpo_clip")],
+                         ids=[loss for loss in LOSS_TYPES] + ["grpo_clip-mlx"])
 def test_grpo_learns_a_synthetic_reward(char_model_dir, tmp_path, script, loss_type):
     args = script.parse_args(common_flags(char_model_dir, tmp_path) + [
         "--reward", SEVENS, "--loss-type", loss_type, "--n-steps", "40", "--rollout-batch-size", "32",
