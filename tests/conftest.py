@@ -5,6 +5,10 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# one BLAS thread for MLX too (machine.load_fast_blas reads it; child processes inherit it):
+# pytest-xdist runs a worker per core, and spinning OpenBLAS workers beside another busy
+# process make small matmuls ~10x slower
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def pytest_configure(config):
