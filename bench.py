@@ -113,8 +113,8 @@ def bench_blas(args):
     cores = len(os.sched_getaffinity(0))
     variants = [  # (label, fast, env)
         ("bundled reference BLAS", False, {}),
-        ("load_fast_blas() (OpenBLAS)", True, {}),
-        ("  with OPENBLAS_NUM_THREADS=1", True, {"OPENBLAS_NUM_THREADS": "1"}),  # the default: every core
+        ("load_fast_blas() (OpenBLAS, every core)", True, {}),
+        ("  with OPENBLAS_NUM_THREADS=1", True, {"OPENBLAS_NUM_THREADS": "1"}),
     ]
     call = f"mlx_matmul_gflops({args.sizes}, {args.warmup}, {args.repeats}, {{fast}}, {args.cache_dir!r})"
     results = [run_child(call.format(fast=fast), env) for _, fast, env in variants]
