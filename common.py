@@ -567,26 +567,25 @@ def sample_next_token(logits, generated, sampling, generator=None):
     if temperature == 0:  # greedy
         token = logits.argmax(-1)
         return token, torch.log_softmax(logits, -1).gather(1, token[:, None]).squeeze(1)
-    logits = logits / temperature
-    log_probs = torch.log_softmax(logits, -1)  # (B, V), the policy's sampling distribution
-    filtered = log_probs.clone()
+    z = logits / temperature
+    z = z - z.max(-1, keepdim=True).values
+    mass = z.exp()  # (B, V) unnormalized probabilities
+    total = mass.sum(-1, keepdim=True)
+    log_probs = z - total.log()  # the policy's sampling distribution, softmax(logits / T)
+    # the filters zero the mass of the tokens they drop (the log-probs stay those of the policy)
     if top_k > 0:
-        kth = torch.topk(filtered, min(top_k, filtered.shape[-1]), dim=-1).values[:, -1:]
-        filtered[filtered < kth] = -float("inf")
+        kth = torch.topk(log_probs, min(top_k, log_probs.shape[-1]), dim=-1).values[:, -1:]
+        mass = mass.masked_fill(log_probs < kth, 0)
     if top_p < 1.0:
-        sorted_lp, order = filtered.sort(-1, descending=True)
-        cum = sorted_lp.exp().cumsum(-1)
-        drop = cum - sorted_lp.exp() > top_p  # keep the smallest prefix whose mass reaches top_p
-        filtered.scatter_(1, order, sorted_lp.masked_fill(drop, -float("inf")))
+        sorted_mass, order = mass.sort(-1, descending=True)
+        drop = sorted_mass.cumsum(-1) - sorted_mass > top_p * total  # keep the smallest prefix reaching top_p
+        mass = mass.scatter(1, order, sorted_mass.masked_fill(drop, 0))
     if min_p > 0.0:
-        floor = log_probs.max(-1, keepdim=True).values + np.log(min_p)
-        filtered[log_probs < floor] = -float("inf")
-    # inverse CDF: the first token whose cumulative probability reaches u ~ U(0, total], so one
+        mass = mass.masked_fill(log_probs < log_probs.max(-1, keepdim=True).values + np.log(min_p), 0)
+    # inverse CDF: the first token whose cumulative mass reaches u ~ U(0, kept mass], so one
     # random number per row (torch.multinomial draws one per vocabulary entry: 12% of a bf16
-    # rollout's time at 49k entries); a token of probability 0 adds nothing and is never picked.
-    # filtered holds log-probs with the dropped tokens at -inf: exp gives their kept mass, and
-    # scaling u by the total stands in for renormalizing
-    cdf = filtered.exp().cumsum(-1)
+    # rollout's time at 49k entries); a token of mass 0 adds nothing and is never picked
+    cdf = mass.cumsum(-1)
     u = 1 - torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device)  # (0, 1]
     token = (cdf < u * cdf[:, -1:]).sum(-1)
     return token, log_probs.gather(1, token[:, None]).squeeze(1)

@@ -673,11 +673,22 @@ def test_per_instance_dpo_loss_same_model_is_log2(smollm2_tokenizer):
 # ----------------------------------------------------------------------------- sampling
 
 
-def _sample(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    generated = torch.zeros((logits.shape[0], 0), dtype=torch.long)
+TWINS = ["torch", "mlx"]
+
+
+def _sample(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, framework="torch"):
+    """common.sample_next_token or its MLX twin on torch logits; token and log-prob back as torch."""
     sampling = harness.Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-    return common.sample_next_token(logits, generated, sampling, g)
+    if framework == "torch":
+        generated = torch.zeros((logits.shape[0], 0), dtype=torch.long)
+        return common.sample_next_token(logits, generated, sampling, torch.Generator().manual_seed(seed))
+    import common_mlx
+    import mlx.core as mx
+    import numpy as np
+
+    token, lp = common_mlx.sample_next_token(mx.array(logits.numpy()), mx.zeros((logits.shape[0], 0), mx.int32),
+                                             sampling, mx.random.key(seed))
+    return torch.from_numpy(np.array(token)).long(), torch.from_numpy(np.array(lp))
 
 
 # probabilities [0.5, 0.3, 0.15, 0.05] over V = 4
@@ -689,31 +700,48 @@ def _many(probs=PROBS, n=N_DRAWS):
     return probs.log().expand(n, -1).clone()  # (n, V): n independent rows
 
 
-def test_sample_temperature_zero_is_argmax():
+@pytest.mark.parametrize("framework", TWINS)
+def test_sample_temperature_zero_is_argmax(framework):
     logits = torch.randn(5, 11, generator=torch.Generator().manual_seed(0))
-    token, lp = _sample(logits, temperature=0.0)
+    token, lp = _sample(logits, temperature=0.0, framework=framework)
     assert token.tolist() == [int(torch.argmax(row)) for row in logits]
     assert token.shape == (5,) and lp.shape == (5,)
 
 
-def test_sample_top_k_one_is_argmax():
+@pytest.mark.parametrize("framework", TWINS)
+def test_sample_top_k_one_is_argmax(framework):
     logits = torch.randn(64, 11, generator=torch.Generator().manual_seed(1))
-    token, _ = _sample(logits, temperature=1.5, top_k=1)
+    token, _ = _sample(logits, temperature=1.5, top_k=1, framework=framework)
     assert token.tolist() == [int(torch.argmax(row)) for row in logits]
 
 
-def test_sample_small_top_p_only_top_token():
-    token, _ = _sample(_many(), top_p=0.05)
+@pytest.mark.parametrize("framework", TWINS)
+def test_sample_top_k_draws_from_the_k_best_in_proportion(framework):
+    # top_k 2 over [0.5, 0.3, 0.15, 0.05]: tokens 0 and 1 only, renormalized to 0.625 and 0.375
+    token, _ = _sample(_many(), top_k=2, seed=3, framework=framework)
+    freq = torch.bincount(token, minlength=4).float() / N_DRAWS
+    assert freq[2] == 0 and freq[3] == 0
+    assert abs(freq[0].item() - 0.625) < 0.04, freq
+
+
+@pytest.mark.parametrize("framework", TWINS)
+def test_sample_small_top_p_only_top_token(framework):
+    token, _ = _sample(_many(), top_p=0.05, framework=framework)
     assert (token == 0).all()
     # nucleus 0.7: the smallest prefix reaching 0.7 is {0.5, 0.3}
-    token, _ = _sample(_many(), top_p=0.7, seed=1)
+    token, _ = _sample(_many(), top_p=0.7, seed=1, framework=framework)
     counts = torch.bincount(token, minlength=4)
     assert counts[2] == 0 and counts[3] == 0 and counts[0] > 0 and counts[1] > 0
+    # nucleus 0.9: {0.5, 0.3, 0.15} (0.8 < 0.9), renormalized: 0.5 / 0.95
+    token, _ = _sample(_many(), top_p=0.9, seed=5, framework=framework)
+    freq = torch.bincount(token, minlength=4).float() / N_DRAWS
+    assert freq[3] == 0 and freq[2] > 0 and abs(freq[0].item() - 0.5 / 0.95) < 0.04, freq
 
 
-def test_sample_min_p_removes_unlikely_tokens():
+@pytest.mark.parametrize("framework", TWINS)
+def test_sample_min_p_removes_unlikely_tokens(framework):
     # min_p 0.2: floor 0.2 * 0.5 = 0.1 -> token 3 (0.05) removed, tokens 0..2 kept
-    token, _ = _sample(_many(), min_p=0.2, seed=2)
+    token, _ = _sample(_many(), min_p=0.2, seed=2, framework=framework)
     counts = torch.bincount(token, minlength=4).float()
     assert counts[3] == 0
     freq = counts / N_DRAWS
@@ -721,27 +749,37 @@ def test_sample_min_p_removes_unlikely_tokens():
     for k, p in enumerate([0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95]):
         assert abs(freq[k].item() - p) < 0.04, (k, freq)
     # without min_p token 3 does appear (so the check above can fail)
-    token, _ = _sample(_many(), seed=2)
+    token, _ = _sample(_many(), seed=2, framework=framework)
     assert (token == 3).any()
 
 
+@pytest.mark.parametrize("framework", TWINS)
+def test_sample_unfiltered_frequencies_match_the_probabilities(framework):
+    # 4000 draws: one standard error of a frequency is at most 0.008, so 0.04 is 5 of them
+    token, _ = _sample(_many(), seed=6, framework=framework)
+    freq = torch.bincount(token, minlength=4).float() / N_DRAWS
+    assert torch.allclose(freq, PROBS, atol=0.04), freq
+
+
+@pytest.mark.parametrize("framework", TWINS)
 @pytest.mark.parametrize(
     "temperature, filters",
     [(1.0, {}), (0.7, {}), (2.0, {}), (0.7, {"top_k": 3}), (1.0, {"top_p": 0.8, "min_p": 0.05})],
 )
-def test_sample_log_prob_is_tempered_log_softmax(temperature, filters):
+def test_sample_log_prob_is_tempered_log_softmax(temperature, filters, framework):
     # the log-prob is under softmax(logits / temperature), the filters only restrict the draw
     logits = torch.randn(6, 9, generator=torch.Generator().manual_seed(3)) * 3
-    token, lp = _sample(logits, temperature=temperature, seed=4, **filters)
+    token, lp = _sample(logits, temperature=temperature, seed=4, framework=framework, **filters)
     for b in range(6):
         expected = torch.log_softmax(logits[b].double() / temperature, -1)[token[b]].item()
         assert lp[b].item() == pytest.approx(expected, abs=1e-5)
 
 
-def test_sample_reproducible_with_generator():
+@pytest.mark.parametrize("framework", TWINS)
+def test_sample_reproducible_with_generator(framework):
     logits = torch.randn(16, 30, generator=torch.Generator().manual_seed(5))
-    a, _ = _sample(logits, temperature=1.0, seed=11)
-    b, _ = _sample(logits, temperature=1.0, seed=11)
+    a, _ = _sample(logits, temperature=1.0, seed=11, framework=framework)
+    b, _ = _sample(logits, temperature=1.0, seed=11, framework=framework)
     assert torch.equal(a, b)
 
 
