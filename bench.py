@@ -8,6 +8,7 @@ framework, its threads) never leaks into another.
     python bench.py --only blas --sizes 256 1024 --repeats 50
     python bench.py --only rollouts          # our samplers vs transformers' generate and mlx_lm.batch_generate
     python bench.py --only grpo sft          # a GRPO / SFT step vs TRL's trainers, fp32 and bf16
+    python bench.py --only twins             # the same SFT / GRPO step in torch and in MLX
     python bench.py --only logprobs          # training forward + backward: LM head everywhere vs from the response on
     python bench.py --only gpu               # CUDA: a GRPO step vs TRL and the sampler, random weights (results/speed)
 """
@@ -256,13 +257,15 @@ def _step_times_from_metrics(path):
 
 
 def ours_grpo_step(n_steps, n_prompts, group_size, max_new_tokens, dtype, cache=None, model=None, device="auto",
-                   data=None):
+                   data=None, script="grpo"):
     """Child process: grpo.py seconds per step, exactly max_new_tokens per completion, beta 0.
     model: a model directory (default: the embedded model); data: a question/answer JSONL
-    used for training and evaluation (default: basic_arithmetic from reasoning-gym)."""
+    used for training and evaluation (default: basic_arithmetic from reasoning-gym);
+    script: "grpo_mlx" times the MLX twin with the same flags."""
+    import importlib
     import tempfile
 
-    import grpo
+    grpo = importlib.import_module(script)
 
     out = tempfile.mkdtemp(prefix="bench-grpo-")
     argv = ["--n-steps", str(n_steps), "--rollout-batch-size", str(n_prompts * group_size), "--group-size",
@@ -274,7 +277,8 @@ def ours_grpo_step(n_steps, n_prompts, group_size, max_new_tokens, dtype, cache=
     argv += ["--model", model] if model else []
     grpo.main(grpo.parse_args(argv + (["--cache-dir", cache] if cache else [])))
     print(json.dumps({"step_s": _step_times_from_metrics(os.path.join(out, "metrics.jsonl")),
-                      "peak_rss_gb": harness.peak_rss_gb(), "peak_gpu_gb": _peak_gpu_gb()}))
+                      "peak_rss_gb": harness.peak_rss_gb(),
+                      "peak_gpu_gb": _peak_gpu_gb() if script == "grpo" else 0.0}))  # MLX: no torch import
 
 
 def _peak_gpu_gb():
@@ -328,11 +332,13 @@ def trl_grpo_step(n_steps, n_prompts, group_size, max_new_tokens, dtype, cache=N
                       "peak_gpu_gb": _peak_gpu_gb()}))
 
 
-def ours_sft_step(n_steps, batch_size, dtype, cache=None):
-    """Child process: sft.py seconds per step, completion-only, gsm_symbolic traces."""
+def ours_sft_step(n_steps, batch_size, dtype, cache=None, script="sft"):
+    """Child process: sft.py seconds per step, completion-only, gsm_symbolic traces
+    (script "sft_mlx": the MLX twin with the same flags)."""
+    import importlib
     import tempfile
 
-    import sft
+    sft = importlib.import_module(script)
 
     out = tempfile.mkdtemp(prefix="bench-sft-")
     argv = ["--n-steps", str(n_steps), "--batch-size", str(batch_size), "--grad-accum", "1", "--task", "gsm_symbolic",
@@ -402,6 +408,27 @@ def bench_sft(args):
              for dtype in ("float32", "bfloat16") for who, fn in (("sft.py", "ours_sft_step"),
                                                                   ("TRL SFTTrainer", "trl_sft_step"))]
     _vs_trl(f"sft: one step = {b} gsm_symbolic traces, completion-only loss, {n} steps, first dropped", calls, args)
+
+
+def bench_twins(args):
+    """The same SFT and GRPO steps in torch and in MLX (fp32: the one dtype MLX's CPU runs
+    fast on Linux; on a Mac both run where --dtype auto puts them)."""
+    n, t = args.train_steps, args.max_new_tokens
+    dtype = "float32" if sys.platform == "linux" else "auto"
+    for title, calls in [
+        (f"sft: one step = 4 gsm_symbolic traces, completion-only loss, {dtype}",
+         [(script, f"ours_sft_step({n}, 4, {dtype!r}, {args.cache_dir!r}, script={script!r})")
+          for script in ("sft", "sft_mlx")]),
+        (f"grpo: one step = 2 prompts x 4 completions x exactly {t} new tokens + one update, {dtype}",
+         [(script, f"ours_grpo_step({n}, 2, 4, {t}, {dtype!r}, {args.cache_dir!r}, script={script!r})")
+          for script in ("grpo", "grpo_mlx")])]:
+        results = {label: run_child(call) for label, call in calls}
+        step_s = {label: statistics.median(r["step_s"]) for label, r in results.items()}
+        torch_s = step_s[calls[0][0]]
+        rows = [[f"{label}.py", f"{step_s[label]:.1f}", f"{torch_s / step_s[label]:.2f}x", f"{r['peak_rss_gb']:.1f}"]
+                for label, r in results.items()]
+        print_table(f"twins, {title}, {n} steps, first dropped", ["", "s/step (median)", "vs torch", "peak RSS GB"],
+                    rows)
 
 
 # ----------------------------------------------------------------------------- training log-probs
@@ -541,7 +568,7 @@ def bench_gpu(args):
 
 
 SECTIONS = {"blas": bench_blas, "rollouts": bench_rollouts, "grpo": bench_grpo, "sft": bench_sft,
-            "logprobs": bench_logprobs,
+            "twins": bench_twins, "logprobs": bench_logprobs,
             "gpu": bench_gpu}
 
 

@@ -40,3 +40,17 @@ def test_grpo_step_timing_runs_on_given_model_and_questions(tiny_model_dir, caps
     out = _printed_json(capsys)
     assert len(out["step_s"]) == 2 and all(s > 0 for s in out["step_s"])  # 3 steps, the first dropped
     assert out["peak_gpu_gb"] == 0.0
+
+
+def test_grpo_step_timing_runs_the_mlx_twin_on_the_same_flags(tiny_model_dir, capsys, monkeypatch):
+    # bench.py --only twins: the same call with script="grpo_mlx" times grpo_mlx.py
+    import grpo_mlx
+
+    ran = []
+    monkeypatch.setattr(grpo_mlx, "main", lambda args, _main=grpo_mlx.main: ran.append(args) or _main(args))
+    bench.ours_grpo_step(3, 2, 2, 5, "float32", model=tiny_model_dir, device="cpu", data=bench.arithmetic_jsonl(8),
+                         script="grpo_mlx")
+    out = _printed_json(capsys)
+    assert len(ran) == 1 and ran[0].n_steps == 3 and ran[0].max_new_tokens == 5
+    assert len(out["step_s"]) == 2 and all(s > 0 for s in out["step_s"])
+    assert out["peak_gpu_gb"] == 0.0 and out["peak_rss_gb"] > 0
