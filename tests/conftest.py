@@ -10,6 +10,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # process make small matmuls ~10x slower
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+TWINS = ["torch", "mlx"]  # parametrize a test over both frameworks: @pytest.mark.parametrize("framework", TWINS)
+
 
 def pytest_configure(config):
     # The test models are tiny: a second intra-op thread buys nothing, and where another

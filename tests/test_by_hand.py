@@ -12,8 +12,7 @@ import common
 import common_mlx
 import harness
 import rewards
-
-TWINS = ["torch", "mlx"]
+from conftest import TWINS
 
 
 def as_array(framework, x, dtype=None):

@@ -16,7 +16,7 @@ import adapters
 import common
 import harness
 import tasks
-from conftest import tiny_llama
+from conftest import TWINS, tiny_llama
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -671,9 +671,6 @@ def test_per_instance_dpo_loss_same_model_is_log2(smollm2_tokenizer):
 
 
 # ----------------------------------------------------------------------------- sampling
-
-
-TWINS = ["torch", "mlx"]
 
 
 def _sample(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, framework="torch"):
