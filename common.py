@@ -103,9 +103,10 @@ def get_response_log_probs(model, input_ids, labels, return_token_entropy=False,
 def _read_only(cache):
     """The tail's layers read the prefix's KV without appending to it: a layer run twice (a
     replay under activation checkpointing) sees the same prefix the first run saw."""
-    for layer in cache.layers:
-        layer.update = lambda k, v, *args, _layer=layer, **kwargs: (torch.cat([_layer.keys, k], -2),
-                                                                     torch.cat([_layer.values, v], -2))
+    for layer in cache.layers:  # the closure holds the prefix's tensors, not the layer: no reference
+        # cycle, so the prefix's KV (~70 MB a 16-row microbatch) is freed with the graph, not at the next gc
+        layer.update = lambda k, v, *args, _k=layer.keys, _v=layer.values, **kwargs: (torch.cat([_k, k], -2),
+                                                                                       torch.cat([_v, v], -2))
 
 
 @contextlib.contextmanager
@@ -454,7 +455,12 @@ def _grouped_attention(module, query, key, value, attention_mask, scaling, dropo
     It runs in fp32 even under autocast: queries and keys leave the rotary embedding in fp32
     (its cos / sin are fp32), so autocast would cast the whole cached keys and values to bf16
     again at every decode step; fp32 matmuls read them in place (rollouts +8%, results/speed).
-    A whole fp32 sequence goes to PyTorch's fused kernel, told of the groups (no copies)."""
+    A whole fp32 sequence goes to PyTorch's fused kernel, told of the groups (no copies).
+    Keys and values as a rollout's cache gives them (Prefixed: the prompts' common prefix
+    held once for every row) go to _prefixed_attention."""
+    if isinstance(key, Prefixed):
+        with torch.autocast(query.device.type, enabled=False):
+            return _prefixed_attention(query.float(), key, value, attention_mask, scaling)
     if torch.is_autocast_enabled(query.device.type):  # see the docstring's last lines
         with torch.autocast(query.device.type, enabled=False):
             return _written_out_attention(module, query.float(), key.float(), value.float(), attention_mask,
@@ -466,6 +472,32 @@ def _grouped_attention(module, query, key, value, attention_mask, scaling, dropo
                                              dropout_p=dropout, enable_gqa=True)
         return out.transpose(1, 2).contiguous(), None
     return _written_out_attention(module, query, key, value, attention_mask, scaling, dropout)
+
+
+class Prefixed(tuple):
+    """Keys (or values) of a rollout batch whose prompts share a prefix: (prefix, rows), the
+    prefix's (1, groups, K, D) once for every row, then each row's own (B, groups, L, D)."""
+
+    prefix, rows = property(lambda self: self[0]), property(lambda self: self[1])
+
+
+def _prefixed_attention(query, key, value, attention_mask, scaling):
+    """_written_out_attention over [prefix | row] keys without copying the prefix to every row:
+    the prefix's scores and weighted values are one matmul per group over all the batch's
+    query rows. The cache holds the prefix once (the r1_zero instructions: ~100 of a rollout's
+    ~165 positions), so a decode step reads it once, not once a row (results/speed)."""
+    B, H, Q, D = query.shape
+    groups, K = key.rows.shape[1], key.prefix.shape[2]
+    q = query.reshape(B, groups, H // groups * Q, D)  # (B, groups, rows, D), as in _written_out_attention
+    per_group = q.transpose(0, 1).reshape(groups, -1, D)  # (groups, B x rows, D)
+    prefix_scores = (per_group @ key.prefix[0].transpose(1, 2)).view(groups, B, -1, K).transpose(0, 1)
+    scores = torch.cat([prefix_scores, q @ key.rows.transpose(2, 3)], -1) * scaling  # (B, groups, rows, K + L)
+    if attention_mask is not None:  # (B, 1, Q, K + L), 0 or -inf, the same for every head
+        scores = (scores.view(B, groups, H // groups, Q, -1) + attention_mask[:, :, None]).view(scores.shape)
+    probs = torch.softmax(scores, -1)
+    from_prefix = probs[..., :K].transpose(0, 1).reshape(groups, -1, K) @ value.prefix[0]  # (groups, B x rows, D)
+    out = probs[..., K:] @ value.rows + from_prefix.view(groups, B, -1, D).transpose(0, 1)
+    return out.view(B, H, Q, D).transpose(1, 2).contiguous(), None
 
 
 def _written_out_attention(module, query, key, value, attention_mask, scaling, dropout):
@@ -622,8 +654,9 @@ def _generate_batch(model, tokenizer, prompt_ids, sampling, generator):
     eos_ids = {tokenizer.eos_token_id} | set(config_eos if isinstance(config_eos, list) else [config_eos])
     eos = torch.tensor(sorted(i for i in eos_ids if i is not None), device=device)
     stop_tail = max([len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in stop] + [1]) + 2
-    # The prompts share a long prefix (the r1_zero instructions): run it once for the
-    # batch and copy its KV cache to every row. Each row is then [prefix][pad][suffix].
+    # The prompts share a long prefix (the r1_zero instructions): run it once for the batch;
+    # its KV cache is held once for every row (_kv_cache's share_prefix, with our attention)
+    # or copied to each (transformers' attention). Each row is then [prefix][pad][suffix].
     K = harness.shared_prefix_length(prompt_ids)
     S = max(len(p) - K for p in prompt_ids)
     input_ids = torch.full((B, S), tokenizer.pad_token_id, dtype=torch.long, device=device)
@@ -642,7 +675,7 @@ def _generate_batch(model, tokenizer, prompt_ids, sampling, generator):
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     entropy_sum = torch.zeros(B, device=device)
     active = torch.arange(B, device=device)  # rows still in the (compacted) batch
-    cache = _kv_cache(capacity=K + S + max_new_tokens)
+    cache = _kv_cache(K + S + max_new_tokens, share_prefix=model.config._attn_implementation == "nanoalign")
     if K > 0:
         prefix = torch.tensor([prompt_ids[0][:K]], dtype=torch.long, device=device)
         model(input_ids=prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -688,37 +721,51 @@ def _generate_batch(model, tokenizer, prompt_ids, sampling, generator):
     ]
 
 
-def _kv_cache(capacity):
+def _kv_cache(capacity, share_prefix=False):
     """transformers' DynamicCache, except that each layer writes a step's keys and values
     into buffers of `capacity` positions made once, not torch.cat into a new tensor holding
     the whole cache (at 64 rows and ~170 positions those copies were ~20% of a bf16 rollout's
     time on the Intel Xeon, results/speed). Attention reads views of the filled part. Both
     buffers take the keys' dtype: fp32 under autocast too (keys leave RoPE in fp32), so the
-    fp32 attention reads the values in place as well."""
+    fp32 attention reads the values in place as well.
+    share_prefix (for an attention that reads Prefixed keys, _grouped_attention): what the
+    cache holds when batch_repeat_interleave is called (the prompts' common prefix, one row)
+    stays one row, and the layers return Prefixed (prefix, rows) keys and values. A round of
+    176 rollouts (~100 prefix and ~80 own positions each) then holds 0.6 GB of fp32 buffers,
+    not 1.5, and each decode step reads the prefix once, not once a row."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
     class Layer(DynamicLayer):
+        prefix, offset = None, 0  # the shared prefix's (keys, values), one row; its length
+
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
                 B, H, _, D = key_states.shape
                 self.dtype, self.device, self.is_initialized, self.length = key_states.dtype, key_states.device, True, 0
                 self.buffers = [key_states.new_empty(B, H, capacity, D) for _ in range(2)]
-            n, end = self.length, self.length + key_states.shape[-2]
+            n, end = self.length - self.offset, self.length - self.offset + key_states.shape[-2]
             self.buffers[0][:, :, n:end], self.buffers[1][:, :, n:end] = key_states, value_states
-            self.length = end
+            self.length += key_states.shape[-2]
             return self._views()
 
+        def get_seq_length(self):
+            return self.length if self.is_initialized else 0
+
         def _views(self):
-            self.keys, self.values = (b[:, :, : self.length] for b in self.buffers)
+            own = [b[:, :, : self.length - self.offset] for b in self.buffers]
+            self.keys, self.values = own if self.prefix is None else map(Prefixed, zip(self.prefix, own))
             return self.keys, self.values
 
-        def batch_repeat_interleave(self, repeats):  # new buffers holding the filled part repeated
+        def batch_repeat_interleave(self, repeats):  # new buffers for the rows (after the prefix, if shared)
             if self.is_initialized:
-                for i, b in enumerate(self.buffers):
-                    filled = b[:, :, : self.length].repeat_interleave(repeats, dim=0)
-                    self.buffers[i] = filled.new_empty(filled.shape[0], b.shape[1], capacity, b.shape[3])
-                    self.buffers[i][:, :, : self.length] = filled
+                filled = [b[:, :, : self.length] for b in self.buffers]
+                if share_prefix:  # the prefix stays one row; each row's own positions start after it
+                    self.prefix, self.offset, filled = filled, self.length, [b[:, :, :0] for b in filled]
+                for i, f in enumerate(filled):
+                    f = f.repeat_interleave(repeats, dim=0)
+                    self.buffers[i] = f.new_empty(f.shape[0], f.shape[1], capacity - self.offset, f.shape[3])
+                    self.buffers[i][:, :, : f.shape[2]] = f
                 self._views()
 
         def batch_select_indices(self, indices):  # the rows kept close ranks in place (fresh buffers
@@ -727,7 +774,7 @@ def _kv_cache(capacity):
                 moved = (indices != torch.arange(n, device=indices.device)).nonzero()
                 first = moved[0, 0].item() if len(moved) else n
                 for i, b in enumerate(self.buffers):
-                    b[first:n, :, : self.length] = b[indices[first:], :, : self.length]
+                    b[first:n, :, : self.length - self.offset] = b[indices[first:], :, : self.length - self.offset]
                     self.buffers[i] = b[:n]
                 self._views()
 
