@@ -66,7 +66,7 @@ max_grad_norm = 1.0
 max_bad_steps = 3  # stop after this many optimizer steps in a row skipped for a NaN / inf gradient
 lora_rank = 0  # 0: full fine-tuning
 fsdp = False  # under torchrun: each process holds 1/N of the weights, gradients, AdamW state (FSDP2; torch)
-checkpoint_activations = False  # layers run again in the backward: peak memory -0.7 GB, steps ~10% slower (torch)
+checkpoint_activations = True  # layers rerun in the backward: a microbatch peaks 1.3 GB lower, ~8% slower (torch)
 n_train = 20000  # training questions drawn from the task
 # sampling (rollouts; evaluation is greedy)
 max_new_tokens = 64
