@@ -460,7 +460,7 @@ def _grouped_attention(module, query, key, value, attention_mask, scaling, dropo
     held once for every row) go to _prefixed_attention."""
     if isinstance(key, Prefixed):
         with torch.autocast(query.device.type, enabled=False):
-            return _prefixed_attention(query.float(), key, value, attention_mask, scaling)
+            return _prefixed_attention(query.to(key.rows.dtype), key, value, attention_mask, scaling)
     if torch.is_autocast_enabled(query.device.type):  # see the docstring's last lines
         with torch.autocast(query.device.type, enabled=False):
             return _written_out_attention(module, query.float(), key.float(), value.float(), attention_mask,
@@ -494,7 +494,7 @@ def _prefixed_attention(query, key, value, attention_mask, scaling):
     scores = torch.cat([prefix_scores, q @ key.rows.transpose(2, 3)], -1) * scaling  # (B, groups, rows, K + L)
     if attention_mask is not None:  # (B, 1, Q, K + L), 0 or -inf, the same for every head
         scores = (scores.view(B, groups, H // groups, Q, -1) + attention_mask[:, :, None]).view(scores.shape)
-    probs = torch.softmax(scores, -1)
+    probs = torch.softmax(scores, -1, dtype=torch.float32).to(query.dtype)
     from_prefix = probs[..., :K].transpose(0, 1).reshape(groups, -1, K) @ value.prefix[0]  # (groups, B x rows, D)
     out = probs[..., K:] @ value.rows + from_prefix.view(groups, B, -1, D).transpose(0, 1)
     return out.view(B, H, Q, D).transpose(1, 2).contiguous(), None

@@ -953,6 +953,12 @@ def test_prefixed_attention_is_the_attention_over_the_prefix_copied_to_every_row
         expected, _ = common._written_out_attention(None, q, whole_k, whole_v, mask, 0.35, 0.0)
         assert got.shape == expected.shape == (3, Q, 9, 8)
         _close(got, expected, atol=1e-6)
+    # a model whose weights are bf16 (no autocast) caches bf16 keys: the attention runs in bf16
+    half = [t.bfloat16() for t in (prefix_k, rows_k, prefix_v, rows_v)]
+    got, _ = common._grouped_attention(None, q.bfloat16(), common.Prefixed(half[:2]), common.Prefixed(half[2:]),
+                                       mask.bfloat16(), 0.35)
+    assert got.dtype == torch.bfloat16
+    _close(got.float(), expected, atol=5e-2)
 
 
 def test_grouped_attention_under_autocast_is_the_fp32_attention():
