@@ -492,21 +492,27 @@ def _prefixed_attention(query, key, value, attention_mask, scaling):
     per_group = q.transpose(0, 1).reshape(groups, -1, D)  # (groups, B x rows, D)
     prefix_scores = (per_group @ key.prefix[0].transpose(1, 2)).view(groups, B, -1, K).transpose(0, 1)
     scores = torch.cat([prefix_scores, q @ key.rows.transpose(2, 3)], -1) * scaling  # (B, groups, rows, K + L)
-    if attention_mask is not None:  # (B, 1, Q, K + L), 0 or -inf, the same for every head
-        scores = (scores.view(B, groups, H // groups, Q, -1) + attention_mask[:, :, None]).view(scores.shape)
-    probs = torch.softmax(scores, -1, dtype=torch.float32).to(query.dtype)
+    probs = _attention_probs(scores, attention_mask, Q)
     from_prefix = probs[..., :K].transpose(0, 1).reshape(groups, -1, K) @ value.prefix[0]  # (groups, B x rows, D)
     out = probs[..., K:] @ value.rows + from_prefix.view(groups, B, -1, D).transpose(0, 1)
     return out.view(B, H, Q, D).transpose(1, 2).contiguous(), None
+
+
+def _attention_probs(scores, attention_mask, Q):
+    """softmax(scores + mask) in fp32, back in the scores' dtype. scores (B, groups, heads of a
+    group x Q, T), a group's query heads stacked as rows; attention_mask (B, 1, Q, T), 0 or
+    -inf, the same for every head."""
+    if attention_mask is not None:
+        B, groups, rows, T = scores.shape
+        scores = (scores.view(B, groups, rows // Q, Q, T) + attention_mask[:, :, None]).view(scores.shape)
+    return torch.softmax(scores, -1, dtype=torch.float32).to(scores.dtype)
 
 
 def _written_out_attention(module, query, key, value, attention_mask, scaling, dropout):
     B, H, Q, D = query.shape
     groups = key.shape[1]
     scores = query.reshape(B, groups, H // groups * Q, D) @ key.transpose(2, 3) * scaling  # (B, groups, rows, T)
-    if attention_mask is not None:  # (B, 1, Q, T), 0 or -inf, the same for every head
-        scores = (scores.view(B, groups, H // groups, Q, -1) + attention_mask[:, :, None]).view(scores.shape)
-    probs = torch.softmax(scores, -1, dtype=torch.float32).to(query.dtype)
+    probs = _attention_probs(scores, attention_mask, Q)
     if dropout > 0:  # transformers passes the model's attention dropout while training, else 0
         probs = F.dropout(probs, p=dropout, training=module.training)
     return (probs @ value).view(B, H, Q, D).transpose(1, 2).contiguous(), None
@@ -737,7 +743,8 @@ def _kv_cache(capacity, share_prefix=False):
     from transformers.cache_utils import DynamicLayer
 
     class Layer(DynamicLayer):
-        prefix, offset = None, 0  # the shared prefix's (keys, values), one row; its length
+        prefix = None  # the shared prefix's (keys, values), one row each
+        offset = property(lambda self: 0 if self.prefix is None else self.prefix[0].shape[2])  # its length
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
@@ -761,7 +768,7 @@ def _kv_cache(capacity, share_prefix=False):
             if self.is_initialized:
                 filled = [b[:, :, : self.length] for b in self.buffers]
                 if share_prefix:  # the prefix stays one row; each row's own positions start after it
-                    self.prefix, self.offset, filled = filled, self.length, [b[:, :, :0] for b in filled]
+                    self.prefix, filled = filled, [b[:, :, :0] for b in filled]
                 for i, f in enumerate(filled):
                     f = f.repeat_interleave(repeats, dim=0)
                     self.buffers[i] = f.new_empty(f.shape[0], f.shape[1], capacity - self.offset, f.shape[3])

@@ -17,9 +17,12 @@ Private helpers without a twin, on purpose: common.py's _autocast and _cpu_bf16_
 _cpu_attention_speedup, _grouped_attention and _register_grouped_attention (attention
 written out for transformers models, where the check finds it faster than PyTorch's SDPA
 kernel; mlx-lm models have one attention, mx.fast.scaled_dot_product_attention) and
-_best_seconds, the timer of those two checks, _written_out_attention, the attention's body, and
-_kv_cache (transformers' DynamicCache copies the whole cache at every step; mlx-lm's KVCache
-already writes in place, in blocks of 256 positions), and this file's
+_best_seconds, the timer of those two checks, _written_out_attention, the attention's body,
+_attention_probs, its masked softmax, and _kv_cache (transformers' DynamicCache copies the
+whole cache at every step; mlx-lm's KVCache already writes in place, in blocks of 256
+positions) with Prefixed and _prefixed_attention, its shared-prefix keys and the attention
+that reads them (mlx-lm's KVCache has no such mode: the MLX sampler still copies the prefix
+to every row, a change for mlx-lm's llama module), and this file's
 _logits / _last_logits (the LM head on the last positions only: transformers models take
 logits_to_keep, mlx-lm models do not) and _gather_rows (mx.distributed gathers equal shapes
 only; torch.distributed gathers Python objects).
