@@ -75,19 +75,21 @@ def get_response_log_probs(model, input_ids, labels, return_token_entropy=False,
     T = input_ids.shape[1]
     S = min(score_from, T - 1)
     if shared_prefix <= 0 or _sharded(model):  # FSDP: one forward a microbatch, the same count on every process
-        logits = model(input_ids, logits_to_keep=T - S).logits
-        return _scored(_log_probs_from_logits(_tempered(logits, temperature), labels[:, S:], return_token_entropy), S)
+        return _scored(_last_log_probs(model, input_ids, labels[:, S:], return_token_entropy, temperature), S)
     from transformers import DynamicCache
 
     B, K, cache = input_ids.shape[0], shared_prefix, DynamicCache()
-    with _no_checkpointing(model):  # the prefix is one row: its activations are kept, its KV written once
-        head = model(input_ids[:1, :K], past_key_values=cache, use_cache=True, logits_to_keep=max(1, K - S)).logits[0]
+    if S >= K and torch.is_grad_enabled():  # nothing scored in the prefix: only its KV is needed
+        cache = _prefix_replayed_in_backward(model, input_ids[:1, :K])
+    else:
+        with _no_checkpointing(model):  # the prefix is one row: its activations are kept, its KV written once
+            head = model(input_ids[:1, :K], past_key_values=cache, use_cache=True,
+                         logits_to_keep=max(1, K - S)).logits[0]
     cache.batch_repeat_interleave(B)  # differentiable copy: gradients flow back into the prefix
     _read_only(cache)  # the tail reads the prefix's KV and appends nothing to it
     tail_from = max(S, K)  # first scored position inside the tail
-    tail = _tempered(model(input_ids[:, K:], past_key_values=cache, use_cache=False, logits_to_keep=T - tail_from).logits,
-                     temperature)  # (B, T - tail_from, V)
-    out = _scored(_log_probs_from_logits(tail, labels[:, tail_from:], return_token_entropy), tail_from - K)
+    out = _scored(_last_log_probs(model, input_ids[:, K:], labels[:, tail_from:], return_token_entropy, temperature,
+                                  past_key_values=cache, use_cache=False), tail_from - K)
     if S >= K:  # nothing scored in the prefix
         return _scored(out, K)
     # the prefix positions' distributions are the same in every row: normalize them once
@@ -98,6 +100,119 @@ def get_response_log_probs(model, input_ids, labels, return_token_entropy=False,
         with torch.no_grad():
             out["token_entropy"] = torch.cat([compute_entropy(head).expand(B, K - S), out["token_entropy"]], 1)
     return _scored(out, S)
+
+
+def _last_log_probs(model, input_ids, labels, return_token_entropy, temperature, **kwargs):
+    """Run the model on input_ids (B, T) and score labels (B, n) at its last n positions:
+    {"log_probs": (B, n)[, "token_entropy": (B, n)]}. For a plain linear LM head (Llama,
+    Mistral, Qwen) _HeadLogProbs computes them without the (B, n, V) logits; for any other
+    head (soft-capped, scaled, sharded, LoRA on the head) through the model's own logits."""
+    n, head = labels.shape[1], model.get_output_embeddings()
+    plain = (type(head) is torch.nn.Linear and model.config.model_type in _PLAIN_HEAD_MODELS
+             and not _sharded(model))
+    if not plain:
+        logits = model(input_ids, logits_to_keep=n, **kwargs).logits
+        return _log_probs_from_logits(_tempered(logits, temperature), labels, return_token_entropy)
+    hidden = model.get_decoder()(input_ids, **kwargs).last_hidden_state[:, -n:]  # (B, n, d)
+    B, d = hidden.shape[0], hidden.shape[-1]
+    log_probs, entropy = _HeadLogProbs.apply(hidden.float().reshape(B * n, d), head.weight, head.bias,
+                                             labels.reshape(B * n), temperature, return_token_entropy)
+    out = {"log_probs": log_probs.view(B, n)}
+    if return_token_entropy:
+        out["token_entropy"] = entropy.view(B, n)
+    return out
+
+
+_PLAIN_HEAD_MODELS = ("llama", "mistral", "qwen2", "qwen3")  # their logits are lm_head(hidden), nothing after
+
+
+class _HeadLogProbs(torch.autograd.Function):
+    """log p(y) and entropy under softmax(z / T), z = h Wᵀ + b, for N positions, `chunk` at a
+    time: the (N, V) logits never exist whole (16 rollouts x 64 tokens: 200 MB, and as much
+    again for their gradient). The forward keeps logsumexp(z / T) per position; the backward
+    recomputes each chunk's logits, one more LM-head matmul, and applies
+    d log p(y) / dz = (onehot(y) - softmax(z / T)) / T.
+    hidden (N, d), weight (V, d), bias (V,) or None, labels (N,) -> log_probs (N,), entropy (N,)."""
+
+    chunk = 256  # positions: 50 MB of fp32 logits at V = 49k
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature, with_entropy):
+        scale = 1.0 if temperature in (0, 1) else 1.0 / temperature  # T = 0 (greedy): the model's own distribution
+        log_probs, entropy, lse = [], [], []
+        w, b = _head_in(hidden, weight, bias)
+        with torch.autocast(hidden.device.type, enabled=False):  # the head in fp32, as the model's own
+            for h, y in zip(hidden.split(_HeadLogProbs.chunk), labels.split(_HeadLogProbs.chunk)):
+                z = F.linear(h, w, b) * scale  # (chunk, V)
+                lse.append(torch.logsumexp(z, dim=-1))
+                log_probs.append(z.gather(-1, y[:, None])[:, 0] - lse[-1])
+                if with_entropy:
+                    entropy.append(compute_entropy(z))
+        ctx.save_for_backward(hidden, weight, bias, labels, torch.cat(lse))
+        ctx.scale = scale
+        entropy = torch.cat(entropy) if with_entropy else hidden.new_zeros(0)
+        ctx.mark_non_differentiable(entropy)
+        return torch.cat(log_probs), entropy
+
+    @staticmethod
+    def backward(ctx, grad_log_probs, _grad_entropy):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        w, b = _head_in(hidden, weight, bias)
+        grad_weight = torch.zeros_like(w) if need_weight else None
+        grad_bias = torch.zeros_like(b) if need_bias else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for i in range(0, hidden.shape[0], _HeadLogProbs.chunk):
+                h, y = hidden[i : i + _HeadLogProbs.chunk], labels[i : i + _HeadLogProbs.chunk, None]
+                g = grad_log_probs[i : i + _HeadLogProbs.chunk, None]  # (chunk, 1)
+                z = F.linear(h, w, b) * ctx.scale
+                grad_z = z.sub_(lse[i : i + _HeadLogProbs.chunk, None]).exp_().mul_(-g)  # -g softmax(z / T), in place
+                grad_z.scatter_add_(-1, y, g).mul_(ctx.scale)  # + g onehot(y); through z = (h Wᵀ + b) / T
+                if need_hidden:
+                    grad_hidden[i : i + _HeadLogProbs.chunk] = grad_z @ w
+                if need_weight:
+                    grad_weight.addmm_(grad_z.T, h)
+                if need_bias:
+                    grad_bias += grad_z.sum(0)
+        grad_weight = grad_weight if grad_weight is None else grad_weight.to(weight.dtype)
+        grad_bias = grad_bias if grad_bias is None else grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def _head_in(hidden, weight, bias):
+    """The head's weight and bias in the hidden states' dtype (fp32: a bf16-weight model too)."""
+    return weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)
+
+
+def _prefix_replayed_in_backward(model, prefix_ids):
+    """The KV cache of prefix_ids (1, K), computed without a graph; its keys and values are
+    leaves. Once the backward pass has given every one of them its gradient, the prefix runs
+    again, with a graph, and passes those gradients on into the weights. Same gradients as one
+    graph through both passes, less memory: autograd holds a weight's gradient from the tail
+    until the weight's other use, the prefix, has sent its own (at the very end of the
+    backward pass), an fp32 copy of every weight (0.5 GB at 135M); and the prefix's
+    activations (under autocast, bf16 copies of every weight: 0.2 GB) are not kept meanwhile.
+    The cost: the prefix's forward twice, one row of K tokens. Gradients reach the weights
+    through .backward(); torch.autograd.grad would miss the prefix's share."""
+    from transformers import DynamicCache
+
+    def prefix_kv(cache):
+        with _no_checkpointing(model):
+            model.get_decoder()(prefix_ids, past_key_values=cache, use_cache=True)
+        return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+
+    cache = DynamicCache()
+    with torch.no_grad():
+        leaves = [t.requires_grad_() for t in prefix_kv(cache)]
+
+    def backward_through_prefix(grads):
+        with torch.enable_grad():
+            kv = prefix_kv(DynamicCache())
+        torch.autograd.backward([t for t, g in zip(kv, grads) if g is not None], [g for g in grads if g is not None])
+
+    torch.autograd.graph.register_multi_grad_hook(leaves, backward_through_prefix)
+    return cache
 
 
 def _read_only(cache):

@@ -22,7 +22,11 @@ _attention_probs, its masked softmax, and _kv_cache (transformers' DynamicCache 
 whole cache at every step; mlx-lm's KVCache already writes in place, in blocks of 256
 positions) with Prefixed and _prefixed_attention, its shared-prefix keys and the attention
 that reads them (mlx-lm's KVCache has no such mode: the MLX sampler still copies the prefix
-to every row, a change for mlx-lm's llama module), and this file's
+to every row, a change for mlx-lm's llama module); _last_log_probs, _HeadLogProbs and
+_head_in (the LM head a chunk of positions at a time, its backward written out so the logits
+never exist whole) and _prefix_replayed_in_backward (the shared prefix's pass rerun in the
+backward, so autograd does not hold the tail's gradient of every weight): memory for torch's
+eager autograd, where MLX's value_and_grad plans the graph itself; and this file's
 _logits / _last_logits (the LM head on the last positions only: transformers models take
 logits_to_keep, mlx-lm models do not) and _gather_rows (mx.distributed gathers equal shapes
 only; torch.distributed gathers Python objects).

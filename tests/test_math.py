@@ -224,11 +224,13 @@ def test_log_probs_in_chunks_equal_the_whole_batch_at_once():
     _close(logits.grad.double(), expected.double(), atol=1e-6)
 
 
+@pytest.mark.parametrize("score_from", [2, 6])
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
-def test_activation_checkpointing_keeps_the_shared_prefix_values_and_gradients(compute_dtype):
+def test_activation_checkpointing_keeps_the_shared_prefix_values_and_gradients(compute_dtype, score_from):
     # --checkpoint-activations: each layer runs again in the backward pass (counted), reading
     # the prefix KV it read the first time: the same log-probs and gradients as without it
-    # (a pre-hook counts: the replay stops early, after the last tensor the backward needs)
+    # (a pre-hook counts: the replay stops early, after the last tensor the backward needs).
+    # score_from 6 > the prefix's 4 tokens: the prefix pass itself is replayed in the backward
     def run(checkpointed):
         model = tiny_llama(vocab_size=64, seed=0).train()
         model.compute_dtype = compute_dtype
@@ -241,14 +243,15 @@ def test_activation_checkpointing_keeps_the_shared_prefix_values_and_gradients(c
             layer.mlp.register_forward_pre_hook(lambda *_: calls.append(1))
         input_ids, labels = _random_ids((3, 9), 64, 1), _random_ids((3, 9), 64, 2)
         input_ids[:, :4] = input_ids[0, :4]
-        out = common.get_response_log_probs(model, input_ids, labels, True, shared_prefix=4, score_from=2)
+        out = common.get_response_log_probs(model, input_ids, labels, True, shared_prefix=4, score_from=score_from)
         (out["log_probs"] * torch.linspace(-1, 1, 27).view(3, 9)).sum().backward()
         return out["log_probs"].detach(), [p.grad for p in model.parameters()], len(calls)
 
     plain_lp, plain_grads, plain_calls = run(False)
     lp, grads, calls = run(True)
-    assert plain_calls == 2 * 2  # 2 layers: the prefix pass and the tail pass
-    assert calls == 2 * 3  # + the tail pass replayed in the backward pass
+    prefix_passes = 1 if score_from < 4 else 2  # + the prefix replayed in the backward pass
+    assert plain_calls == 2 * (prefix_passes + 1)  # 2 layers: the prefix pass(es) and the tail pass
+    assert calls == 2 * (prefix_passes + 2)  # + the tail pass replayed in the backward pass
     tol = 1e-5 if compute_dtype == torch.float32 else 1e-2
     _close(lp, plain_lp, atol=tol)
     for g, g_plain in zip(grads, plain_grads):
@@ -284,6 +287,55 @@ def test_get_response_log_probs_score_from(shared_prefix, score_from, attention)
     (full[:, score_from:] * weights[:, score_from:]).sum().backward()
     for g, p in zip(scored, model.parameters()):
         assert torch.allclose(g, p.grad, atol=1e-5), "score_from changes the gradient of the scored positions"
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_lm_head_in_chunks_has_the_numerical_gradient(monkeypatch, temperature):
+    # _HeadLogProbs writes its backward out (the logits recomputed a chunk at a time):
+    # torch's finite differences in float64 check it, over 5 positions in chunks of 2, with a bias
+    monkeypatch.setattr(common._HeadLogProbs, "chunk", 2)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 6, 3, 3, 1])
+
+    def log_probs(h, w, b):
+        return common._HeadLogProbs.apply(h, w, b, labels, temperature, True)[0]
+
+    assert torch.autograd.gradcheck(log_probs, (hidden, weight, bias))
+    # values: log_softmax((h Wᵀ + b) / T) at the labels, and the entropy of that distribution
+    lp, entropy = common._HeadLogProbs.apply(hidden, weight, bias, labels, temperature, True)
+    log_softmax = torch.log_softmax((hidden @ weight.T + bias) / temperature, -1)
+    _close(lp.detach(), log_softmax.gather(-1, labels[:, None])[:, 0].detach(), atol=1e-12)
+    _close(entropy.double(), -(log_softmax.exp() * log_softmax).sum(-1).detach(), atol=1e-6)  # fp32, as compute_entropy
+
+
+@pytest.mark.parametrize("head", ["in chunks", "the model's logits"])
+@pytest.mark.parametrize("shared_prefix,score_from,temperature", [(0, 0, 1.0), (4, 0, 1.0), (4, 0, 0.7), (4, 5, 1.0),
+                                                                  (4, 6, 0.7)])
+def test_get_response_log_probs_gradient_is_autograds_through_the_logits(monkeypatch, head, shared_prefix, score_from,
+                                                                          temperature):
+    # the parameter gradients of sum(w * log p), against autograd through the model's own
+    # logits and log_softmax (the LM head is tied to the embedding: both of its uses count).
+    # score_from past the prefix: the prefix's pass is replayed in the backward pass
+    if head == "the model's logits":  # the path of any other head (soft-capped, scaled, sharded)
+        monkeypatch.setattr(common, "_PLAIN_HEAD_MODELS", ())
+    monkeypatch.setattr(common._HeadLogProbs, "chunk", 5)  # 27 positions: 6 chunks, the last short
+    model = tiny_llama(vocab_size=64, seed=0)
+    input_ids, labels = _random_ids((3, 9), 64, 1), _random_ids((3, 9), 64, 2)
+    input_ids[:, :4] = input_ids[0, :4]
+    weights = torch.linspace(-1, 1, 27).view(3, 9)
+    weights[:, :score_from] = 0
+    log_softmax = torch.log_softmax(model(input_ids).logits / temperature, -1)
+    (log_softmax.gather(-1, labels[..., None])[..., 0] * weights).sum().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    out = common.get_response_log_probs(model, input_ids, labels, True, shared_prefix=shared_prefix,
+                                        temperature=temperature, score_from=score_from)
+    (out["log_probs"] * weights).sum().backward()
+    for g, p in zip(expected, model.parameters()):
+        assert torch.allclose(p.grad, g, atol=1e-5), "gradients differ from autograd's through the logits"
 
 
 def test_get_response_log_probs_gradient_flows():
