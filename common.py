@@ -205,13 +205,20 @@ def _prefix_replayed_in_backward(model, prefix_ids):
     cache = DynamicCache()
     with torch.no_grad():
         leaves = [t.requires_grad_() for t in prefix_kv(cache)]
+    grads = [None] * len(leaves)  # the hooks hold these, not the leaves: no reference cycle through autograd's
+    # C++ nodes, which Python's collector cannot see (torch.autograd.graph.register_multi_grad_hook makes
+    # one, and a run leaked every microbatch's prefix KV)
 
-    def backward_through_prefix(grads):
-        with torch.enable_grad():
-            kv = prefix_kv(DynamicCache())
-        torch.autograd.backward([t for t, g in zip(kv, grads) if g is not None], [g for g in grads if g is not None])
+    def keep(i, grad):
+        grads[i] = grad
+        if all(g is not None for g in grads):  # the last one: go through the prefix with all of them
+            with torch.enable_grad():
+                kv = prefix_kv(DynamicCache())
+            torch.autograd.backward(kv, grads[:])
+            grads[:] = [None] * len(grads)
 
-    torch.autograd.graph.register_multi_grad_hook(leaves, backward_through_prefix)
+    for i, leaf in enumerate(leaves):
+        leaf.register_hook(functools.partial(keep, i))
     return cache
 
 

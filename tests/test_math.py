@@ -209,6 +209,31 @@ def test_shared_prefix_forward_leaves_no_tensor_for_the_garbage_collector():
     assert garbage == []
 
 
+def test_prefix_replayed_in_the_backward_is_freed_after_it(monkeypatch):
+    # the prefix's KV leaves, whose gradients the backward pass collects for the prefix's replay,
+    # must die with the graph: a cycle through autograd's C++ nodes (register_multi_grad_hook's)
+    # is invisible to Python's collector, and a run's memory grew by every microbatch's prefix
+    import gc
+    import weakref
+
+    leaves, make_cache = [], common._prefix_replayed_in_backward
+
+    def recorded(*args):
+        cache = make_cache(*args)
+        leaves.extend(weakref.ref(t) for layer in cache.layers for t in (layer.keys, layer.values))
+        return cache
+
+    monkeypatch.setattr(common, "_prefix_replayed_in_backward", recorded)
+    model = tiny_llama(vocab_size=64, seed=0)
+    input_ids, labels = _random_ids((3, 9), 64, 1), _random_ids((3, 9), 64, 2)
+    input_ids[:, :4] = input_ids[0, :4]
+    out = common.get_response_log_probs(model, input_ids, labels, True, shared_prefix=4, score_from=6)
+    out["log_probs"].sum().backward()
+    del out
+    gc.collect()
+    assert len(leaves) == 2 * 2 and all(leaf() is None for leaf in leaves)
+
+
 def test_log_probs_in_chunks_equal_the_whole_batch_at_once():
     # 21 positions in chunks of 4 (the last one short): log_softmax's values, entropy and gradient
     torch.manual_seed(0)
