@@ -138,18 +138,17 @@ class _HeadLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature, with_entropy):
-        scale = 1.0 if temperature in (0, 1) else 1.0 / temperature  # T = 0 (greedy): the model's own distribution
         log_probs, entropy, lse = [], [], []
         w, b = _head_in(hidden, weight, bias)
         with torch.autocast(hidden.device.type, enabled=False):  # the head in fp32, as the model's own
             for h, y in zip(hidden.split(_HeadLogProbs.chunk), labels.split(_HeadLogProbs.chunk)):
-                z = F.linear(h, w, b) * scale  # (chunk, V)
+                z = _tempered(F.linear(h, w, b), temperature)  # (chunk, V)
                 lse.append(torch.logsumexp(z, dim=-1))
                 log_probs.append(z.gather(-1, y[:, None])[:, 0] - lse[-1])
                 if with_entropy:
                     entropy.append(compute_entropy(z))
         ctx.save_for_backward(hidden, weight, bias, labels, torch.cat(lse))
-        ctx.scale = scale
+        ctx.temperature = temperature
         entropy = torch.cat(entropy) if with_entropy else hidden.new_zeros(0)
         ctx.mark_non_differentiable(entropy)
         return torch.cat(log_probs), entropy
@@ -166,9 +165,9 @@ class _HeadLogProbs(torch.autograd.Function):
             for i in range(0, hidden.shape[0], _HeadLogProbs.chunk):
                 h, y = hidden[i : i + _HeadLogProbs.chunk], labels[i : i + _HeadLogProbs.chunk, None]
                 g = grad_log_probs[i : i + _HeadLogProbs.chunk, None]  # (chunk, 1)
-                z = F.linear(h, w, b) * ctx.scale
+                z = _tempered(F.linear(h, w, b), ctx.temperature)
                 grad_z = z.sub_(lse[i : i + _HeadLogProbs.chunk, None]).exp_().mul_(-g)  # -g softmax(z / T), in place
-                grad_z.scatter_add_(-1, y, g).mul_(ctx.scale)  # + g onehot(y); through z = (h Wᵀ + b) / T
+                grad_z = _tempered(grad_z.scatter_add_(-1, y, g), ctx.temperature)  # + g onehot(y); through z / T
                 if need_hidden:
                     grad_hidden[i : i + _HeadLogProbs.chunk] = grad_z @ w
                 if need_weight:
@@ -214,7 +213,10 @@ def _prefix_replayed_in_backward(model, prefix_ids):
         if all(g is not None for g in grads):  # the last one: go through the prefix with all of them
             with torch.enable_grad():
                 kv = prefix_kv(DynamicCache())
-            torch.autograd.backward(kv, grads[:])
+            # the KV a graph reaches (not a first layer's keys, say, where its projection and the embedding are frozen)
+            reached = [(t, g) for t, g in zip(kv, grads) if t.requires_grad]
+            if reached:
+                torch.autograd.backward(*zip(*reached))
             grads[:] = [None] * len(grads)
 
     for i, leaf in enumerate(leaves):

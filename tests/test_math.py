@@ -234,6 +234,29 @@ def test_prefix_replayed_in_the_backward_is_freed_after_it(monkeypatch):
     assert len(leaves) == 2 * 2 and all(leaf() is None for leaf in leaves)
 
 
+def test_prefix_replayed_in_the_backward_with_part_of_the_model_frozen():
+    # the embedding (and so the tied head), the first layer's norm and its key and value projections
+    # frozen: that layer's prefix KV has no graph to replay into; the trainable weights get
+    # autograd's gradients through the model's own logits, the frozen ones none
+    model = tiny_llama(vocab_size=64, seed=0)
+    first = model.model.layers[0]
+    for frozen in (model.model.embed_tokens, first.input_layernorm, first.self_attn.k_proj, first.self_attn.v_proj):
+        frozen.requires_grad_(False)
+    input_ids, labels = _random_ids((3, 9), 64, 1), _random_ids((3, 9), 64, 2)
+    input_ids[:, :4] = input_ids[0, :4]
+    weights = torch.linspace(-1, 1, 27).view(3, 9)
+    weights[:, :6] = 0
+    log_softmax = torch.log_softmax(model(input_ids).logits, -1)
+    (log_softmax.gather(-1, labels[..., None])[..., 0] * weights).sum().backward()
+    expected = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    out = common.get_response_log_probs(model, input_ids, labels, shared_prefix=4, score_from=6)
+    (out["log_probs"] * weights).sum().backward()
+    for g, p in zip(expected, model.parameters()):
+        assert (g is None) == (p.grad is None) == (not p.requires_grad)
+        assert g is None or torch.allclose(p.grad, g, atol=1e-5), "gradients differ from autograd's through the logits"
+
+
 def test_log_probs_in_chunks_equal_the_whole_batch_at_once():
     # 21 positions in chunks of 4 (the last one short): log_softmax's values, entropy and gradient
     torch.manual_seed(0)
