@@ -56,6 +56,7 @@ mask_truncated = False  # no loss on completions cut at max_new_tokens
 dynamic_sampling = True  # DAPO: drop groups with all rewards equal (no gradient), sample more (results/learning)
 max_sampling_rounds = 3  # with --dynamic-sampling: at most this many rollout rounds per step
 oversample = 2.0  # with --dynamic-sampling: a round samples the groups missing / the mixed share, at most this x
+harder_task = ""  # curriculum: a task mixed in as the share of groups solved in every sample grows, e.g. chain_sum:max_digits=3
 # optimization
 lr = 1e-5
 batch_size = 0  # rollouts per optimizer step (0: the whole rollout batch, one step)
@@ -169,7 +170,7 @@ def main(args):
     total_optimizer_steps = args.n_steps * optimizer_steps_per_rollout * args.epochs_per_rollout
     optimizer, scheduler = common.make_optimizer(model, args.lr, args.weight_decay, (0.9, 0.95), args.warmup_steps,
                                                  total_optimizer_steps)
-    train_examples = tasks.load_examples(args, "train", args.n_train)
+    train_examples, harder_examples = tasks.load_examples(args, "train", args.n_train), tasks.harder_examples(args)
     eval_examples = tasks.load_examples(args, "eval", args.n_eval)
     # guarded (a reward that raises or hangs scores 0, counted); a response repeated in a group
     # graded once; the advantages reuse the scores of sample_groups (under torchrun, graded by
@@ -177,9 +178,12 @@ def main(args):
     grader = rewards.get_reward_fn(args.reward)
     reward_fn = functools.lru_cache(maxsize=4096)(grader)
     sampling = harness.Sampling.from_args(args)
-    # the next training question, and the last step's sampling counts (the next step's first round is
-    # sized from them): checkpoints keep both, so a resumed run samples as an unbroken one
-    start_step, cursor = common.resume(ckpt, model, optimizer, scheduler, cursor={"question": 0, "sampled": {}})
+    # the next question of the task and of --harder-task, and the last step's sampling counts (the
+    # next step's first round and harder share are sized from them): checkpoints keep all three,
+    # so a resumed run samples as an unbroken one
+    cursor = {"question": 0, "harder": 0, "sampled": {}}
+    start_step, saved = common.resume(ckpt, model, optimizer, scheduler, cursor=cursor)
+    cursor.update(saved)  # (an older version's checkpoint has no "harder")
     log = harness.MetricsLog(args.out_dir, args.wandb, vars(args), start_step, args.tensorboard)
 
     off_policy = optimizer_steps_per_rollout * args.epochs_per_rollout > 1
@@ -187,8 +191,7 @@ def main(args):
     micro, bad_steps = args.batch_size // args.grad_accum, 0
 
     def sample_groups(n_questions):  # rollouts for n_questions new questions x group_size, graded
-        questions = harness.take(train_examples, cursor["question"], n_questions, args.seed)
-        cursor["question"] += n_questions
+        questions = harness.take_questions(train_examples, harder_examples, cursor, n_questions, args.seed)
         questions = common.rank_share(questions)  # under torchrun each process samples and grades its share
         prompts = [tasks.r1_zero_prompt(q["question"]) for q in questions for _ in range(args.group_size)]
         answers = [q["answer"] for q in questions for _ in range(args.group_size)]
@@ -209,7 +212,7 @@ def main(args):
     for step in bar:
         t0 = time.perf_counter()
         # ---- rollouts: group_size samples for each question, graded (sample_groups above)
-        n_groups, sampled = args.rollout_batch_size // args.group_size, {}
+        n_groups, sampled, harder_before = args.rollout_batch_size // args.group_size, {}, cursor["harder"]
         if args.dynamic_sampling:
             rollouts, scores, sampled = harness.dynamic_sample(sample_groups, n_groups, args.group_size,
                                                                args.max_sampling_rounds, args.oversample,
@@ -217,6 +220,7 @@ def main(args):
             cursor["sampled"] = sampled
         else:
             rollouts, scores = sample_groups(n_groups)
+            cursor["sampled"] = sampled = harness.group_counts(scores, args.group_size)
         answers = [r["answer"] for r in rollouts]
         reward_parts = {k: sum(s[k] for s in scores) / len(scores) for k in scores[0] if k.startswith("reward/")}
         t_rollout = time.perf_counter() - t0
@@ -298,7 +302,8 @@ def main(args):
                "kl": sum(stats["kl"]) / len(stats["kl"]), "grad_norm": max(stats["grad_norm"]),
                "lr": scheduler.get_last_lr()[0], "rollout_tok_s": lengths.sum().item() / t_rollout,
                "train_tok_s": n_train_tokens / t_train, "step_s": time.perf_counter() - t0,
-               "peak_rss_gb": harness.peak_rss_gb(), "reward_failures": reward_failures, **sampled, **reward_parts}
+               "peak_rss_gb": harness.peak_rss_gb(), "reward_failures": reward_failures,
+               "harder_questions": cursor["harder"] - harder_before, **sampled, **reward_parts}
         log(row)
         bar.set_postfix(reward=f"{row['reward']:.2f}", fmt=f"{row['format_reward']:.2f}", len=f"{row['response_len']:.0f}",
                         s=f"{row['step_s']:.0f}")

@@ -103,6 +103,8 @@ def check_inputs(parser, args, train_kind="qa"):
         train_data, eval_data = getattr(args, "train_data", ""), getattr(args, "eval_data", "")
         if not (train_data and eval_data):
             tasks.check_task(args.task)
+        if getattr(args, "harder_task", ""):
+            tasks.check_task(args.harder_task)
         if train_data:
             tasks.read_jsonl(train_data, tasks.sft_kind(train_data) if train_kind == "sft" else train_kind)
         if eval_data:
@@ -150,6 +152,33 @@ def take(examples, cursor, n, seed):
         out += [examples[i] for i in order[offset : offset + take_now]]
         cursor += take_now
     return out
+
+
+def take_questions(examples, harder, cursor, n, seed):
+    """The next n training questions, `take` over each source (its cursor in the dict
+    `cursor`, which checkpoints keep). With a harder task (--harder-task, a curriculum), a
+    share of them comes from it: the share of last step's groups that the policy answered
+    right in every sample (cursor["sampled"], group_counts). Those questions teach nothing
+    (zero variance), so as the task saturates its harder items take their place."""
+    last = cursor["sampled"]
+    n_harder = round(n * last.get("groups_solved", 0) / last["groups_generated"]) if harder and last else 0
+    questions = take(examples, cursor["question"], n - n_harder, seed)
+    questions += take(harder, cursor["harder"], n_harder, seed)
+    cursor["question"] += n - n_harder
+    cursor["harder"] += n_harder
+    return questions
+
+
+def group_counts(scores, group_size):
+    """Consecutive groups of scores: how many there are, how many are mixed (rewards not all
+    equal: a gradient), how many solved (every answer right, answer_reward 1: too easy)."""
+    groups = [scores[i : i + group_size] for i in range(0, len(scores), group_size)]
+    return {"groups_generated": len(groups), "groups_mixed": sum(_is_mixed(g) for g in groups),
+            "groups_solved": sum(all(s["answer_reward"] == 1 for s in g) for g in groups)}
+
+
+def _is_mixed(group_scores):
+    return len({s["reward"] for s in group_scores}) > 1
 
 
 def shared_prefix_length(sequences, keep_last=1):
@@ -218,30 +247,28 @@ def dynamic_sample(sample_groups, n_groups, group_size, max_rounds, oversample=1
     oversample x). A sparse reward thus gets one big round, which costs less than several
     small ones since a round lasts as long as its longest answer; a dense one (nearly every
     group mixed) samples little more than it keeps.
-    Returns rollouts, scores, {groups_generated, groups_mixed (all found), groups_mixed_kept}."""
-    kept, dropped, generated, mixed, last = [], [], 0, 0, last or {}
+    Returns rollouts, scores, {groups_generated, groups_mixed (all found), groups_solved,
+    groups_mixed_kept} (group_counts over every round)."""
+    kept, dropped, counts, last = [], [], {}, last or {}
     for _ in range(max_rounds):
         missing = n_groups - len(kept)
         if missing == 0:
             break
-        if generated:  # this step's share so far, else the previous step's
-            seen, seen_mixed = generated, mixed
+        if counts:  # this step's share so far, else the previous step's
+            seen, seen_mixed = counts["groups_generated"], counts["groups_mixed"]
         else:
             seen, seen_mixed = last.get("groups_generated", 0), last.get("groups_mixed", 0)
         n = math.ceil(missing * oversample)
         if seen_mixed:  # missing / share = ceil(missing * seen / seen_mixed), in integers: exact
             n = min(n, -(-missing * seen // seen_mixed))
         rollouts, scores = sample_groups(n)
-        generated += len(rollouts) // group_size
+        counts = {k: counts.get(k, 0) + v for k, v in group_counts(scores, group_size).items()}
         for i in range(0, len(rollouts), group_size):
             group = (rollouts[i : i + group_size], scores[i : i + group_size])
-            is_mixed = len({s["reward"] for s in group[1]}) > 1
-            mixed += is_mixed
-            (kept if is_mixed and len(kept) < n_groups else dropped).append(group)
+            (kept if _is_mixed(group[1]) and len(kept) < n_groups else dropped).append(group)
     n_mixed = len(kept)
     groups = kept + dropped[: n_groups - len(kept)]
-    return ([r for g in groups for r in g[0]], [s for g in groups for s in g[1]],
-            {"groups_generated": generated, "groups_mixed": mixed, "groups_mixed_kept": n_mixed})
+    return [r for g in groups for r in g[0]], [s for g in groups for s in g[1]], {**counts, "groups_mixed_kept": n_mixed}
 
 
 def count_bad_steps(grad_norm, bad_steps, max_bad_steps):

@@ -101,15 +101,16 @@ def _held_out_questions(task):
     return frozenset(ex["question"] for ex in _rg_items(task, EVAL_SEED, EVAL_POOL))
 
 
-def task_split(task, split, n):
+def task_split(task, split, n, held_out_of=()):
     """n deterministic examples {question, answer, reasoning} of a reasoning-gym task.
     'eval' and 'train' come from different generator seeds, and 'train' drops every
-    question of the held-out pool, so nothing held out is ever trained on."""
+    question of the held-out pool (the task's, and that of each task in held_out_of), so
+    nothing held out is ever trained on."""
     if split == "eval":
         if n > EVAL_POOL:
             raise ValueError(f"--n-eval {n}: at most {EVAL_POOL} held-out items per task")
         return list(_rg_items(task, EVAL_SEED, n))
-    held_out, out, size = _held_out_questions(task), [], n
+    held_out, out, size = _held_out_questions(task).union(*map(_held_out_questions, held_out_of)), [], n
     while len(out) < n:  # over-generate until enough unseen questions remain
         if size > 20 * n + 1000:
             raise ValueError(f"task {task!r}: cannot find {n} training questions outside the held-out split")
@@ -207,6 +208,14 @@ def load_examples(args, split, n):
     """Question/answer examples for a split: --train-data / --eval-data when given, else the task."""
     path = args.train_data if split == "train" else args.eval_data
     return read_jsonl(path, "qa")[:n] if path else task_split(args.task, split, n)
+
+
+def harder_examples(args):
+    """--harder-task's training questions (none if it is empty), none of them held out by it
+    or by --task, whose held-out split the run is evaluated on."""
+    if not args.harder_task:
+        return []
+    return task_split(args.harder_task, "train", args.n_train, held_out_of=(args.task,))
 
 
 def sft_kind(path):

@@ -10,7 +10,7 @@ import grpo
 import grpo_mlx
 import harness
 import rewards
-from test_scripts import SEVENS, common_flags
+from test_scripts import SEVENS, common_flags, rows
 
 SEVEN_FIRST = SEVENS.replace(":sevens", ":seven_first")
 
@@ -55,7 +55,7 @@ class Sampler:
         for q in range(self.next, self.next + n):
             for j, r in enumerate(self.patterns[q % len(self.patterns)]):
                 rollouts.append({"question": q, "j": j})
-                scores.append({"reward": float(r)})
+                scores.append({"reward": float(r), "answer_reward": float(r)})
         self.next += n
         return rollouts, scores
 
@@ -70,7 +70,8 @@ def test_dynamic_sampling_keeps_only_mixed_groups_when_there_are_enough():
     rollouts, scores, stats = harness.dynamic_sample(sampler, n_groups=4, group_size=2, max_rounds=5)
     groups = groups_of(rollouts, scores, 2)
     assert len(groups) == 4 and all(len(set(r)) > 1 for _, r in groups)
-    assert stats == {"groups_generated": sum(sampler.calls), "groups_mixed": 4, "groups_mixed_kept": 4}
+    # 8 questions in rounds of 4, 2, 1, 1: 0 and 4 all right
+    assert stats == {"groups_generated": 8, "groups_mixed": 4, "groups_solved": 2, "groups_mixed_kept": 4}
     assert sampler.calls == [4, 2, 1, 1]  # each round asks only for the groups still missing
 
 
@@ -82,12 +83,12 @@ def test_dynamic_sampling_oversamples_each_round():
     rollouts, scores, stats = harness.dynamic_sample(sampler, n_groups=4, group_size=2, max_rounds=5, oversample=1.5)
     assert sampler.calls == [6, 2]  # 6 questions hold 3 mixed; 1 missing -> ceil(1.5) = 2 more
     assert [q for q, _ in groups_of(rollouts, scores, 2)] == [1, 3, 5, 7]
-    assert stats == {"groups_generated": 8, "groups_mixed": 4, "groups_mixed_kept": 4}
+    assert stats == {"groups_generated": 8, "groups_mixed": 4, "groups_solved": 2, "groups_mixed_kept": 4}
     # mixed groups past n_groups are dropped, not carried over
     sampler = Sampler(patterns)
     rollouts, scores, stats = harness.dynamic_sample(sampler, n_groups=2, group_size=2, max_rounds=5, oversample=3.0)
     assert sampler.calls == [6] and [q for q, _ in groups_of(rollouts, scores, 2)] == [1, 3]
-    assert stats == {"groups_generated": 6, "groups_mixed": 3, "groups_mixed_kept": 2}
+    assert stats == {"groups_generated": 6, "groups_mixed": 3, "groups_solved": 2, "groups_mixed_kept": 2}
 
 
 def test_dynamic_sampling_sizes_the_first_round_from_the_last_step():
@@ -105,7 +106,8 @@ def test_dynamic_sampling_sizes_the_first_round_from_the_last_step():
     _, _, stats = harness.dynamic_sample(sampler, n_groups=4, group_size=2, max_rounds=3, oversample=4.0,
                                          last={"groups_generated": 4, "groups_mixed": 4})
     # share 1 -> 4 questions, 2 mixed; share 2/4 -> 2 missing x 2 = 4 more, 2 mixed
-    assert sampler.calls == [4, 4] and stats == {"groups_generated": 8, "groups_mixed": 4, "groups_mixed_kept": 4}
+    assert sampler.calls == [4, 4]
+    assert stats == {"groups_generated": 8, "groups_mixed": 4, "groups_solved": 2, "groups_mixed_kept": 4}
 
 
 def test_dynamic_sampling_respects_its_cap_and_keeps_the_batch_full():
@@ -119,6 +121,49 @@ def test_dynamic_sampling_respects_its_cap_and_keeps_the_batch_full():
     generated_mixed = sum(len(set(p)) > 1 for q, p in enumerate(sampler.patterns * 2) if q < sampler.next)
     assert stats["groups_mixed_kept"] == generated_mixed >= 1
     assert groups[0][1] == [1, 0, 0]  # the mixed group first, then the top-up
+
+
+def test_group_counts_by_hand():
+    scores = [{"reward": r, "answer_reward": a} for r, a in
+              [(1, 1), (1, 1), (0.5, 0), (1, 1), (0, 0), (0, 0), (0.2, 0), (0.2, 0)]]
+    # groups of 2: all right; mixed; all wrong; same reward, all wrong (a partial-credit reward)
+    assert harness.group_counts(scores, 2) == {"groups_generated": 4, "groups_mixed": 1, "groups_solved": 1}
+    # groups of 4: mixed (1 and 0.5), not all right; mixed (0 and 0.2), all wrong
+    assert harness.group_counts(scores, 4) == {"groups_generated": 2, "groups_mixed": 2, "groups_solved": 0}
+
+
+def test_take_questions_mixes_in_the_harder_task_by_the_share_solved_last_step():
+    easy, harder = [f"e{i}" for i in range(10)], [f"h{i}" for i in range(10)]
+    cursor = {"question": 0, "harder": 0, "sampled": {}}
+    first = harness.take_questions(easy, harder, cursor, 5, seed=1)  # no last step yet: none harder
+    assert first == harness.take(easy, 0, 5, seed=1) and cursor["question"] == 5 and cursor["harder"] == 0
+    cursor["sampled"] = {"groups_generated": 10, "groups_mixed": 4, "groups_solved": 4}  # 2 in 5 solved
+    second = harness.take_questions(easy, harder, cursor, 5, seed=1)
+    assert second == harness.take(easy, 5, 3, seed=1) + harness.take(harder, 0, 2, seed=1)
+    assert (cursor["question"], cursor["harder"]) == (8, 2)
+    # a pure function of the cursor: a resumed run (the checkpoint's cursor) draws the same questions
+    resumed = {"question": 8, "harder": 2, "sampled": dict(cursor["sampled"])}
+    assert harness.take_questions(easy, harder, resumed, 5, seed=1) == harness.take_questions(easy, harder, cursor, 5,
+                                                                                                seed=1)
+    # no harder task: the share is ignored
+    cursor = {"question": 0, "harder": 0, "sampled": {"groups_generated": 2, "groups_mixed": 0, "groups_solved": 2}}
+    assert harness.take_questions(easy, [], cursor, 4, seed=1) == harness.take(easy, 0, 4, seed=1)
+    # everything solved: every question harder
+    assert harness.take_questions(easy, harder, cursor, 3, seed=1) == harness.take(harder, 0, 3, seed=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", [grpo, grpo_mlx])
+def test_grpo_mixes_in_the_harder_task_once_groups_are_solved(char_model_dir, tmp_path, script):
+    always = SEVENS.replace(":sevens", ":always")  # every answer right: every group solved
+    args = script.parse_args(common_flags(char_model_dir, tmp_path) + [
+        "--reward", always, "--n-steps", "3", "--rollout-batch-size", "8", "--group-size", "4", "--grad-accum", "2",
+        "--warmstart-steps", "0", "--no-dynamic-sampling", "--harder-task", "chain_sum:max_digits=3",
+        "--eval-every", "0", "--save-every", "0"])
+    script.main(args)
+    steps = [r for r in rows(tmp_path / "metrics.jsonl") if "groups_solved" in r]
+    assert [r["groups_solved"] for r in steps] == [2, 2, 2]
+    assert [r["harder_questions"] for r in steps] == [0, 2, 2]  # none known solved before step 1
 
 
 @pytest.mark.slow

@@ -200,6 +200,20 @@ def test_task_split_deterministic(splits, task):
     assert tasks.task_split(task, "train", N_SPLIT) == train_items
 
 
+def test_harder_task_never_trains_on_the_run_s_held_out_questions():
+    """--harder-task chain_sum:max_digits=3 draws 1-3 digit sums, some of which are in
+    chain_sum's held-out pool (the run is evaluated there): harder_examples drops them."""
+    from types import SimpleNamespace
+
+    held_out = {ex["question"] for ex in tasks.task_split("chain_sum", "eval", tasks.EVAL_POOL)}
+    unfiltered = tasks.task_split("chain_sum:max_digits=3", "train", 500)
+    assert any(ex["question"] in held_out for ex in unfiltered)  # the case exists (5 of 500)
+    args = SimpleNamespace(task="chain_sum", harder_task="chain_sum:max_digits=3", n_train=500)
+    harder = tasks.harder_examples(args)
+    assert len(harder) == 500 and not any(ex["question"] in held_out for ex in harder)
+    assert tasks.harder_examples(SimpleNamespace(task="chain_sum", harder_task="", n_train=500)) == []
+
+
 def test_gsm_symbolic_has_reasoning_and_trace(splits):
     for ex in splits["gsm_symbolic"][0][:50] + splits["gsm_symbolic"][1][:50]:
         assert isinstance(ex["reasoning"], str) and ex["reasoning"].strip()
