@@ -68,6 +68,7 @@ max_bad_steps = 3  # stop after this many optimizer steps in a row skipped for a
 lora_rank = 0  # 0: full fine-tuning
 fsdp = False  # under torchrun: each process holds 1/N of the weights, gradients, AdamW state (FSDP2; torch)
 checkpoint_activations = True  # layers rerun in the backward: a microbatch peaks 1.3 GB lower, ~8% slower (torch)
+malloc_mmap_mb = 1.0  # allocations >= this many MB get their own pages, freed to the OS: peak -0.6 GB, slower (0: glibc's)
 n_train = 20000  # training questions drawn from the task
 # sampling (rollouts; evaluation is greedy)
 max_new_tokens = 64
@@ -159,6 +160,7 @@ def policy_loss(log_probs, mask, advantages, raw_rewards, old_log_probs, ref_log
 def main(args):
     common.init_distributed(args.device)  # under torchrun: join the other processes (a plain run: nothing)
     common.set_seed(args.seed)
+    harness.map_large_allocations(args.malloc_mmap_mb)  # before the warm start and the model load
     os.makedirs(args.out_dir, exist_ok=True)
     start_model = warm_start(args) if args.warmstart_steps > 0 else args.model
     model, tokenizer, ckpt = common.load_policy(args, start_model)

@@ -226,6 +226,23 @@ def release_memory():
             pass
 
 
+def map_large_allocations(megabytes):
+    """glibc only (elsewhere nothing): every allocation of at least `megabytes` gets pages of its
+    own (mmap), given back to the OS when it is freed. By default glibc serves allocations up to
+    32 MB from its heap, where a GRPO step's mix of lifetimes (rollout buffers, weight casts,
+    gradients, activations) leaves free holes that stay resident: a default run sat 0.6 GB
+    higher in 3-step probes (results/speed). The price: fresh pages are faulted in and zeroed
+    on every large allocation. 0: glibc's own threshold."""
+    if megabytes > 0 and sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+        except OSError:  # not glibc (musl)
+            return
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+        libc.mallopt(M_MMAP_THRESHOLD, int(megabytes * 2**20))
+        libc.mallopt(M_TRIM_THRESHOLD, int(megabytes * 2**20))  # and a free top of the heap past it
+
+
 def lr_factor(step, warmup_steps, total_steps, final=0.1):
     """Learning-rate multiplier: linear warmup, then cosine decay to `final`."""
     if step < warmup_steps:

@@ -23,6 +23,8 @@ PANELS = {
     "response_len": ("response length (tokens)", ["response_len", "response_len_max", "truncated_frac"]),
     "entropy": ("per-token entropy (nats)", ["entropy", "eval_sample_entropy"]),
     "zero_std": ("groups with zero reward variance (no gradient)", ["zero_std_frac"]),
+    "sampling": ("groups sampled per step (--dynamic-sampling, --harder-task)",
+                 ["groups_generated", "groups_mixed", "groups_solved", "harder_questions"]),
     "clip_frac": ("fraction of tokens clipped", ["clip_frac"]),
     "kl": ("KL to the reference policy (k3)", ["kl"]),
     "loss": ("loss and gradient norm", ["loss", "sft_loss", "grad_norm"]),

@@ -3,6 +3,9 @@ them stops with one line, and the checkpoint on disk predates them."""
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -165,3 +168,39 @@ def test_grpo_goes_on_when_the_reward_raises(char_model_dir, tmp_path):
     grpo.main(args)
     rows = [json.loads(line) for line in open(out / "metrics.jsonl") if "reward_failures" in line]
     assert len(rows) == 2 and rows[-1]["reward_failures"] > 0
+
+
+MALLOC_PROBE = """
+import ctypes, sys
+import harness
+
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes, libc.memset.argtypes = [ctypes.c_void_p], [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+
+
+def rss_kb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+
+
+harness.map_large_allocations(float(sys.argv[1]))
+n, before = 8 << 20, rss_kb()
+for _ in range(2):  # glibc's own threshold rises to the size of a mapping freed: the second block is heap
+    block = libc.malloc(n)
+    libc.memset(block, 1, n)  # touched: resident
+    libc.free(block)
+print(rss_kb() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_large_allocations_go_back_to_the_os_when_freed(tmp_path):
+    """Two 8 MB blocks allocated, written and freed in turn: with glibc's defaults the second
+    one stays resident after free (heap), with map_large_allocations(1) neither does (kernel's VmRSS)."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(MALLOC_PROBE)
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(harness.__file__)}
+    grown = {mb: int(subprocess.run([sys.executable, str(probe), mb], capture_output=True, text=True, check=True,
+                                    env=env).stdout) for mb in ("0", "1")}
+    assert grown["0"] > 6 * 1024 and grown["1"] < 2 * 1024, grown
