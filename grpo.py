@@ -56,6 +56,7 @@ mask_truncated = False  # no loss on completions cut at max_new_tokens
 dynamic_sampling = True  # DAPO: drop groups with all rewards equal (no gradient), sample more (results/learning)
 max_sampling_rounds = 3  # with --dynamic-sampling: at most this many rollout rounds per step
 oversample = 2.0  # with --dynamic-sampling: a round samples the groups missing / the mixed share, at most this x
+guide_failed = False  # a group whose samples all fail gets the question's worked trace as one sample (LUFFY)
 harder_task = ""  # curriculum: a task mixed in as the share of groups solved in every sample grows, e.g. chain_sum:max_digits=3
 # optimization
 lr = 1e-5
@@ -204,6 +205,8 @@ def main(args):
         for r, answer in zip(rollouts, answers):
             r["answer"] = answer
         scores = [reward_fn(r["response"], r["answer"]) for r in rollouts]
+        if args.guide_failed:
+            harness.guide_failed_groups(questions, rollouts, scores, args.group_size, tokenizer, reward_fn)
         return common.all_gather(rollouts), common.all_gather(scores)  # every process holds the whole batch
 
     summary = None
@@ -305,7 +308,8 @@ def main(args):
                "lr": scheduler.get_last_lr()[0], "rollout_tok_s": lengths.sum().item() / t_rollout,
                "train_tok_s": n_train_tokens / t_train, "step_s": time.perf_counter() - t0,
                "peak_rss_gb": harness.peak_rss_gb(), "reward_failures": reward_failures,
-               "harder_questions": cursor["harder"] - harder_before, **sampled, **reward_parts}
+               "harder_questions": cursor["harder"] - harder_before,
+               "groups_guided": sum(r.get("guided", False) for r in rollouts), **sampled, **reward_parts}
         log(row)
         bar.set_postfix(reward=f"{row['reward']:.2f}", fmt=f"{row['format_reward']:.2f}", len=f"{row['response_len']:.0f}",
                         s=f"{row['step_s']:.0f}")

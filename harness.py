@@ -169,6 +169,23 @@ def take_questions(examples, harder, cursor, n, seed):
     return questions
 
 
+def guide_failed_groups(questions, rollouts, scores, group_size, tokenizer, reward_fn):
+    """Off-policy guidance (LUFFY, Yan et al. 2025), in place: in a group whose samples all
+    fail (no right answer: zero variance, so GRPO learns nothing from it), the question's
+    worked trace takes the last sample's place, graded like any answer. The group is mixed
+    then: its advantages raise the trace's log-probs and lower the failures'. Only questions
+    that have a trace (a reasoning-gym task's own reasoning). questions: one per group, in
+    order; a guided rollout is marked "guided"."""
+    for g, question in enumerate(questions):
+        group = range(g * group_size, (g + 1) * group_size)
+        if question.get("reasoning") is None or any(scores[i]["answer_reward"] for i in group):
+            continue
+        text = tasks.r1_zero_trace(question["reasoning"], question["answer"])
+        rollouts[group[-1]] = {**rollouts[group[-1]], "response": text, "log_probs": [], "truncated": False,
+                               "response_ids": tokenizer.encode(text, add_special_tokens=False), "guided": True}
+        scores[group[-1]] = reward_fn(text, question["answer"])
+
+
 def group_counts(scores, group_size):
     """Consecutive groups of scores: how many there are, how many are mixed (rewards not all
     equal: a gradient), how many solved (every answer right, answer_reward 1: too easy)."""

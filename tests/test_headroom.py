@@ -152,6 +152,49 @@ def test_take_questions_mixes_in_the_harder_task_by_the_share_solved_last_step()
     assert harness.take_questions(easy, harder, cursor, 3, seed=1) == harness.take(harder, 0, 3, seed=1)
 
 
+class CharTokenizer:
+    def encode(self, text, add_special_tokens=True):
+        return [ord(c) for c in text]
+
+
+def test_guide_failed_groups_puts_the_trace_in_place_of_the_last_failure():
+    import tasks
+
+    questions = [{"question": "1 + 2 =", "answer": "3", "reasoning": "1 + 2 = 3"},  # all fail: guided
+                 {"question": "2 + 2 =", "answer": "4", "reasoning": "2 + 2 = 4"},  # one right: as sampled
+                 {"question": "5 + 5 =", "answer": "10", "reasoning": None}]  # all fail, no trace: as sampled
+    rollouts = [{"response": f"r{i}", "response_ids": [i], "prompt_ids": [9, g], "truncated": True}
+                for g in range(3) for i in range(2)]
+    scores = [{"reward": 0.0, "answer_reward": 0.0} for _ in range(6)]
+    scores[2] = {"reward": 1.0, "answer_reward": 1.0}
+    before_rollouts, before_scores = [dict(r) for r in rollouts], [dict(s) for s in scores]
+
+    def reward_fn(response, answer):
+        return {"reward": float(response.endswith(f"<answer>{answer}</answer>")), "answer_reward": 1.0}
+
+    harness.guide_failed_groups(questions, rollouts, scores, 2, CharTokenizer(), reward_fn)
+    trace = tasks.r1_zero_trace("1 + 2 = 3", "3")
+    assert rollouts[1] == {"response": trace, "response_ids": [ord(c) for c in trace], "prompt_ids": [9, 0],
+                           "truncated": False, "log_probs": [], "guided": True}
+    assert scores[1] == {"reward": 1.0, "answer_reward": 1.0}  # graded by reward_fn
+    assert rollouts[:1] + rollouts[2:] == before_rollouts[:1] + before_rollouts[2:]
+    assert scores[:1] + scores[2:] == before_scores[:1] + before_scores[2:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", [grpo, grpo_mlx])
+def test_grpo_guides_the_groups_that_all_fail(char_model_dir, tmp_path, script):
+    # the character model never writes the r1_zero format: every group fails, and the strict
+    # grader gives each group's trace its reward of 1
+    args = script.parse_args(common_flags(char_model_dir, tmp_path) + [
+        "--n-steps", "2", "--rollout-batch-size", "8", "--group-size", "4", "--grad-accum", "2",
+        "--warmstart-steps", "0", "--guide-failed", "--max-new-tokens", "24", "--eval-every", "0", "--save-every", "0"])
+    script.main(args)
+    steps = [r for r in rows(tmp_path / "metrics.jsonl") if "groups_guided" in r]
+    assert [r["groups_guided"] for r in steps] == [2, 2]
+    assert all(r["reward"] == pytest.approx(1 / 4) and r["zero_std_frac"] == 0 for r in steps)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("script", [grpo, grpo_mlx])
 def test_grpo_mixes_in_the_harder_task_once_groups_are_solved(char_model_dir, tmp_path, script):
