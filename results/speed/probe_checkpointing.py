@@ -27,8 +27,10 @@ def resident_gb(field):  # VmRSS (now) or VmHWM (the peak since the last reset),
         return next(int(line.split()[1]) / 2**20 for line in f if line.startswith(field))
 
 
-def main(model_dir, flag, repeats=5):
-    args = grpo.parse_args([flag])
+def microbatch(model_dir, flags):
+    """The model (training mode) and a default run's microbatch: ids, mask, labels and the
+    positions a forward pass can skip (harness.positions)."""
+    args = grpo.parse_args(flags)
     model, tokenizer, _ = common.load_policy(args, model_dir)
     model.train()
     questions = tasks.load_examples(args, "train", 16)
@@ -36,7 +38,11 @@ def main(model_dir, flag, repeats=5):
     response_ids = torch.randint(100, 1000, (16, 64), generator=torch.Generator().manual_seed(0)).tolist()
     batch = common.join_prompt_and_output_ids(prompt_ids, response_ids, tokenizer.pad_token_id)
     ids, mask, labels = batch["input_ids"], batch["response_mask"], batch["labels"]
-    where = harness.positions(ids.tolist(), mask.tolist())
+    return model, ids, mask, labels, harness.positions(ids.tolist(), mask.tolist())
+
+
+def main(model_dir, flag, repeats=5):
+    model, ids, mask, labels, where = microbatch(model_dir, [flag])
     print(f"{flag}: {tuple(ids.shape)} tokens, {where}, {torch.get_num_threads()} threads")
     for repeat in range(repeats):
         harness.release_memory()

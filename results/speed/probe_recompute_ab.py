@@ -17,9 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import common  # noqa: E402
-import grpo  # noqa: E402
-import harness  # noqa: E402
-import tasks  # noqa: E402
+from probe_checkpointing import microbatch  # noqa: E402
 
 
 def one_graph(model, prefix_ids):  # the prefix's pass kept in the graph, as before commit 0066175
@@ -32,15 +30,7 @@ def one_graph(model, prefix_ids):  # the prefix's pass kept in the graph, as bef
 
 
 def main(model_dir, repeats=4):
-    args = grpo.parse_args([])
-    model, tokenizer, _ = common.load_policy(args, model_dir)
-    model.train()
-    questions = tasks.load_examples(args, "train", 16)
-    prompt_ids = [tokenizer(tasks.r1_zero_prompt(q["question"]))["input_ids"] for q in questions]
-    response_ids = torch.randint(100, 1000, (16, 64), generator=torch.Generator().manual_seed(0)).tolist()
-    batch = common.join_prompt_and_output_ids(prompt_ids, response_ids, tokenizer.pad_token_id)
-    ids, mask, labels = batch["input_ids"], batch["response_mask"], batch["labels"]
-    where = harness.positions(ids.tolist(), mask.tolist())
+    model, ids, mask, labels, where = microbatch(model_dir, [])
     print(f"{tuple(ids.shape)} tokens, {where}, {torch.get_num_threads()} threads, {model.compute_dtype}")
     plain, replay = common._PLAIN_HEAD_MODELS, common._prefix_replayed_in_backward
     settings = {"head in chunks + prefix replayed": (plain, replay), "head in chunks, one graph": (plain, one_graph),
