@@ -14,7 +14,7 @@ Deviations from R1-Zero, on purpose:
 - on-policy steps (one optimizer step per rollout batch) take the "old" log-probs from
   the same forward pass, detached: the ratio is exactly 1 and its gradient is REINFORCE's.
 
-    uv run python grpo.py                                       # the default run, 17-37 min on 2 CPU cores
+    uv run python grpo.py                                       # the default run, 20-52 min on 2 CPU cores
     uv run python grpo.py --loss-type dapo --cliprange-high 0.28
     uv run python grpo.py --model runs/sft/final --warmstart-steps 0 --beta 0.04
 """
