@@ -221,15 +221,15 @@ def main(args):
     for step in bar:
         t0 = time.perf_counter()
         # ---- rollouts: group_size samples for each question, graded (sample_groups above)
-        n_groups, sampled, harder_before = args.rollout_batch_size // args.group_size, {}, cursor["harder"]
+        n_groups, harder_before = args.rollout_batch_size // args.group_size, cursor["harder"]
         if args.dynamic_sampling:
             rollouts, scores, sampled = harness.dynamic_sample(sample_groups, n_groups, args.group_size,
                                                                args.max_sampling_rounds, args.oversample,
                                                                last=cursor["sampled"])
-            cursor["sampled"] = sampled
         else:
             rollouts, scores = sample_groups(n_groups)
-            cursor["sampled"] = sampled = harness.group_counts(scores, args.group_size)
+            sampled = harness.group_counts(scores, args.group_size)
+        cursor["sampled"] = sampled
         answers = [r["answer"] for r in rollouts]
         reward_parts = {k: sum(s[k] for s in scores) / len(scores) for k in scores[0] if k.startswith("reward/")}
         t_rollout = time.perf_counter() - t0

@@ -16,7 +16,6 @@ tries transparent huge pages for the heap.
         runs/grpo/warmstart/final $m 2>&1 | grep -E "step|Maximum resident"; done
 """
 
-import ctypes
 import functools
 import json
 import os
@@ -38,12 +37,6 @@ def before(fn, hook):
     return wrapper
 
 
-def thresholds(megabytes):
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, megabytes << 20)  # M_MMAP_THRESHOLD
-    libc.mallopt(-1, megabytes << 20)  # M_TRIM_THRESHOLD
-
-
 def main(model_dir, mode):
     if mode == "trim":
         common.get_response_log_probs = before(common.get_response_log_probs, harness.release_memory)
@@ -52,8 +45,8 @@ def main(model_dir, mode):
         zero_grad = torch.optim.Optimizer.zero_grad
         torch.optim.Optimizer.zero_grad = lambda self, set_to_none=True: zero_grad(self, set_to_none=False)
     elif mode == "mmap1m_train":
-        common.get_response_log_probs = before(common.get_response_log_probs, lambda: thresholds(1))
-        common.generate = before(common.generate, lambda: thresholds(32))
+        common.get_response_log_probs = before(common.get_response_log_probs, lambda: harness.map_large_allocations(1))
+        common.generate = before(common.generate, lambda: harness.map_large_allocations(32))
     elif mode != "base" and mode != "mmap1m":
         raise SystemExit(f"unknown mode {mode}")
     out_dir = os.path.join("runs", "probe_allocator", mode)
